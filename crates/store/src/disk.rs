@@ -1,0 +1,267 @@
+//! Blobs as files: `blobs/<2 hex>/<hex>.data` and `.obao` (the outboard), uploads staged in
+//! `tmp/`, corrupt blobs moved to `quarantine/`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use bao_tree::BaoTree;
+use bao_tree::io::outboard::PostOrderOutboard;
+use vouch_types::BlobId;
+
+use crate::{BlobStore, PutOutcome, StoreError, block_size, stream};
+
+/// A blob store in a directory. Crash-safe: an upload becomes visible by one atomic rename
+/// after its bytes and outboard are synced, so a killed upload leaves nothing visible, and the
+/// staging area is emptied when the store opens.
+#[derive(Debug)]
+pub struct DiskStore {
+    root: PathBuf,
+    max_blob_bytes: u64,
+}
+
+/// Deletes the staged files of an upload unless it completes.
+struct Staged {
+    paths: Vec<PathBuf>,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for path in &self.paths {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+impl DiskStore {
+    /// Opens (creating if needed) a store in `root` that accepts blobs up to `max_blob_bytes`.
+    pub fn open(root: &Path, max_blob_bytes: u64) -> Result<Self, StoreError> {
+        for dir in ["blobs", "tmp", "quarantine"] {
+            fs::create_dir_all(root.join(dir))?;
+        }
+        // Whatever is staged belongs to uploads that died with an earlier process.
+        for entry in fs::read_dir(root.join("tmp"))? {
+            fs::remove_file(entry?.path())?;
+        }
+        let store = Self {
+            root: root.to_path_buf(),
+            max_blob_bytes,
+        };
+        store.remove_orphan_outboards()?;
+        Ok(store)
+    }
+
+    /// The file holding a blob's bytes (whether or not it exists).
+    pub fn blob_path(&self, id: &BlobId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join("blobs").join(&hex[..2]).join(format!("{hex}.data"))
+    }
+
+    fn outboard_path(&self, id: &BlobId) -> PathBuf {
+        self.blob_path(id).with_extension("obao")
+    }
+
+    /// An outboard without its data file is what a crash between the two renames leaves.
+    fn remove_orphan_outboards(&self) -> Result<(), StoreError> {
+        for shard in fs::read_dir(self.root.join("blobs"))? {
+            let shard = shard?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&shard)? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "obao") && !path.with_extension("data").exists() {
+                    fs::remove_file(&path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn staging_path(&self, extension: &str) -> Result<PathBuf, StoreError> {
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(self
+            .root
+            .join("tmp")
+            .join(format!("{}.{extension}", hex::encode(nonce))))
+    }
+
+    /// Opens a blob for verified reading.
+    fn open_blob(&self, id: &BlobId) -> Result<(File, PostOrderOutboard<File>), StoreError> {
+        let data = match File::open(self.blob_path(id)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound(*id)),
+            Err(e) => return Err(e.into()),
+        };
+        let size = data.metadata()?.len();
+        let outboard = match File::open(self.outboard_path(id)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(self.quarantine(StoreError::Corrupt { id: *id, offset: 0 }));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let tree = BaoTree::new(size, block_size());
+        Ok((
+            data,
+            PostOrderOutboard {
+                root: blake3::Hash::from(*id.hash()),
+                tree,
+                data: outboard,
+            },
+        ))
+    }
+
+    /// Moves a blob that failed verification out of service, then returns the error.
+    fn quarantine(&self, error: StoreError) -> StoreError {
+        if let StoreError::Corrupt { id, .. } = &error {
+            let dir = self.root.join("quarantine");
+            for from in [self.blob_path(id), self.outboard_path(id)] {
+                if let Some(name) = from.file_name() {
+                    let _ = fs::rename(&from, dir.join(name));
+                }
+            }
+            tracing::error!(blob = %id, "{error}");
+        }
+        error
+    }
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+impl BlobStore for DiskStore {
+    fn put(&self, data: &mut dyn Read, size: u64) -> Result<PutOutcome, StoreError> {
+        if size > self.max_blob_bytes {
+            return Err(StoreError::TooLarge {
+                size,
+                limit: self.max_blob_bytes,
+            });
+        }
+        let data_path = self.staging_path("data")?;
+        let outboard_path = self.staging_path("obao")?;
+        let staged = Staged {
+            paths: vec![data_path.clone(), outboard_path.clone()],
+        };
+        let create = |path: &Path| OpenOptions::new().write(true).create_new(true).open(path);
+        let mut data_file = BufWriter::with_capacity(1 << 20, create(&data_path)?);
+        let mut outboard_file = BufWriter::with_capacity(1 << 16, create(&outboard_path)?);
+        let id = copy_and_hash(data, size, &mut data_file, &mut outboard_file)?;
+        for file in [data_file, outboard_file] {
+            file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        let final_data = self.blob_path(&id);
+        if final_data.exists() {
+            return Ok(PutOutcome {
+                id,
+                size,
+                created: false,
+            });
+        }
+        let shard = final_data
+            .parent()
+            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+        fs::create_dir_all(shard)?;
+        // The outboard first: a data file is only ever visible with its outboard beside it.
+        fs::rename(&outboard_path, self.outboard_path(&id))?;
+        fs::rename(&data_path, &final_data)?;
+        sync_dir(shard)?;
+        drop(staged);
+        Ok(PutOutcome {
+            id,
+            size,
+            created: true,
+        })
+    }
+
+    fn size(&self, id: &BlobId) -> Result<Option<u64>, StoreError> {
+        match fs::metadata(self.blob_path(id)) {
+            Ok(meta) => Ok(Some(meta.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn read_range(&self, id: &BlobId, range: Range<u64>, out: &mut dyn Write) -> Result<(), StoreError> {
+        let (data, outboard) = self.open_blob(id)?;
+        stream::read_range(id, &data, outboard, range, out).map_err(|e| self.quarantine(e))
+    }
+
+    fn write_verified(&self, id: &BlobId, range: Option<Range<u64>>, out: &mut dyn Write) -> Result<(), StoreError> {
+        let (data, outboard) = self.open_blob(id)?;
+        stream::encode(id, &data, outboard, range, out).map_err(|e| self.quarantine(e))
+    }
+
+    fn list(&self) -> Result<Vec<BlobId>, StoreError> {
+        let mut ids = Vec::new();
+        for shard in fs::read_dir(self.root.join("blobs"))? {
+            let shard = shard?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&shard)? {
+                let path = entry?.path();
+                let hash = path
+                    .extension()
+                    .filter(|e| *e == "data")
+                    .and_then(|_| path.file_stem())
+                    .and_then(|stem| stem.to_str())
+                    .and_then(|stem| <[u8; 32]>::try_from(hex::decode(stem).ok()?).ok());
+                if let Some(hash) = hash {
+                    ids.push(BlobId::from_hash(hash));
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+/// Copies exactly `size` bytes from `data` to `sink` while computing the blob id and writing
+/// the post-order outboard to `outboard`, in one pass over the bytes.
+pub(crate) fn copy_and_hash(
+    data: &mut dyn Read,
+    size: u64,
+    sink: &mut dyn Write,
+    outboard: &mut dyn Write,
+) -> Result<BlobId, StoreError> {
+    struct Tee<'a, 'b> {
+        source: io::Take<&'a mut dyn Read>,
+        sink: &'b mut dyn Write,
+        received: u64,
+        sink_error: Option<io::Error>,
+    }
+    impl Read for Tee<'_, '_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.source.read(buf)?;
+            if let Err(e) = self.sink.write_all(&buf[..n]) {
+                let message = e.to_string();
+                self.sink_error = Some(e);
+                return Err(io::Error::other(message));
+            }
+            self.received += n as u64;
+            Ok(n)
+        }
+    }
+    let mut tee = Tee {
+        source: data.take(size),
+        sink,
+        received: 0,
+        sink_error: None,
+    };
+    let tree = BaoTree::new(size, block_size());
+    match bao_tree::io::sync::outboard_post_order(&mut tee, tree, outboard) {
+        Ok(root) => Ok(BlobId::from_hash(*root.as_bytes())),
+        Err(_) if tee.sink_error.is_some() => Err(StoreError::Io(
+            tee.sink_error.take().unwrap_or_else(|| io::Error::other("sink failed")),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(StoreError::Truncated {
+            received: tee.received,
+            expected: size,
+        }),
+        Err(e) => Err(StoreError::Io(e)),
+    }
+}
