@@ -1,1 +1,492 @@
-fn main() {}
+//! The `vouch` command: run a node, manage keys, and publish and fetch models.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use vouch_client::{Client, Progress};
+use vouch_crypto::SecretKey;
+use vouch_node::{NodeConfig, NodeLimits};
+use vouch_types::api::ModelView;
+use vouch_types::{BlobId, Manifest, ManifestBody, ModelFile, ModelFormat, ModelName, ModelRef, Version};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vouch",
+    version,
+    about = "Publish, serve and verify AI models on the Vouch network"
+)]
+struct Cli {
+    /// The node to talk to.
+    #[arg(long, global = true, env = "VOUCH_NODE", default_value = "http://127.0.0.1:7070")]
+    node: String,
+    /// The signing key (default: $VOUCH_HOME/key.pem, VOUCH_HOME defaulting to ~/.vouch).
+    #[arg(long, global = true, env = "VOUCH_KEY")]
+    key: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node: blob store, model registry and HTTP API.
+    Node(NodeArgs),
+    /// Create or show the signing key.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Publish, fetch and inspect models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Store and fetch raw blobs.
+    #[command(subcommand)]
+    Blob(BlobCommand),
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// Where the node keeps its data (default: $VOUCH_HOME/node).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    api: SocketAddr,
+    /// Largest blob accepted, in bytes.
+    #[arg(long, default_value_t = NodeLimits::default().max_upload_bytes)]
+    max_upload_bytes: u64,
+    /// Largest manifest accepted, in bytes.
+    #[arg(long, default_value_t = NodeLimits::default().manifest.max_encoded_bytes)]
+    max_manifest_bytes: usize,
+    /// Uploads served at once.
+    #[arg(long, default_value_t = NodeLimits::default().max_concurrent_uploads)]
+    max_concurrent_uploads: usize,
+    /// Deadline for requests other than blob transfers, in milliseconds.
+    #[arg(long, default_value_t = NodeLimits::default().request_timeout_ms)]
+    request_timeout_ms: u64,
+    /// Longest pause allowed inside an upload, in milliseconds.
+    #[arg(long, default_value_t = NodeLimits::default().body_idle_timeout_ms)]
+    body_idle_timeout_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Generate a new ed25519 key (never overwrites an existing one).
+    New,
+    /// Print the public key.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Upload a model file and publish it as NAME@VERSION, signed with your key.
+    Push {
+        /// The ONNX file.
+        file: PathBuf,
+        /// `namespace/model`.
+        #[arg(long)]
+        name: ModelName,
+        /// The version to publish; a published version is immutable.
+        #[arg(long)]
+        version: Version,
+        /// SPDX license expression.
+        #[arg(long)]
+        license: Option<String>,
+        /// Free-text description.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Download a model's file, verified against its id.
+    Pull {
+        /// Model id, `name@version`, or `name` (latest version).
+        reference: ModelRef,
+        /// Where to write the file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// List published models.
+    List {
+        /// Only versions of this name.
+        #[arg(long)]
+        name: Option<ModelName>,
+    },
+    /// Show a model's manifest, verified.
+    Show {
+        /// Model id, `name@version`, or `name` (latest version).
+        reference: ModelRef,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BlobCommand {
+    /// Upload a file; prints its id.
+    Put {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Download a blob, verified against its id.
+    Get {
+        /// The blob id.
+        id: BlobId,
+        /// Where to write it.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn vouch_home() -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("VOUCH_HOME") {
+        return Ok(PathBuf::from(home));
+    }
+    let home = std::env::var_os("HOME").context("neither VOUCH_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".vouch"))
+}
+
+fn key_path(cli: &Cli) -> Result<PathBuf> {
+    match &cli.key {
+        Some(path) => Ok(path.clone()),
+        None => Ok(vouch_home()?.join("key.pem")),
+    }
+}
+
+fn load_key(cli: &Cli) -> Result<SecretKey> {
+    let path = key_path(cli)?;
+    if !path.exists() {
+        bail!(
+            "no key at {}; create one with 'vouch key new' or pass --key PATH",
+            path.display()
+        );
+    }
+    Ok(SecretKey::load(&path)?)
+}
+
+/// A progress bar for a transfer of `total` bytes, shown only to a person at a terminal.
+fn progress_bar(cli: &Cli, label: &str, total: u64) -> Option<(ProgressBar, Progress)> {
+    if cli.json || !std::io::stdout().is_terminal() || total < (1 << 20) {
+        return None;
+    }
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(label.to_string());
+    let handle = bar.clone();
+    Some((bar, Arc::new(move |bytes| handle.set_position(bytes))))
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Node(args) => run_node(args).await,
+        Command::Key(command) => run_key(&cli, command),
+        Command::Model(command) => run_model(&cli, command).await,
+        Command::Blob(command) => run_blob(&cli, command).await,
+    }
+}
+
+async fn run_node(args: &NodeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => vouch_home()?.join("node"),
+    };
+    let mut limits = NodeLimits {
+        max_upload_bytes: args.max_upload_bytes,
+        max_concurrent_uploads: args.max_concurrent_uploads,
+        request_timeout_ms: args.request_timeout_ms,
+        body_idle_timeout_ms: args.body_idle_timeout_ms,
+        ..NodeLimits::default()
+    };
+    limits.manifest.max_encoded_bytes = args.max_manifest_bytes;
+    let node = vouch_node::start(NodeConfig {
+        data_dir: data_dir.clone(),
+        api_addr: args.api,
+        limits,
+    })
+    .await?;
+    // Scripts and tests read this line to learn the address (the port may have been 0).
+    println!(
+        "vouch node listening on {} (data in {})",
+        node.url(),
+        data_dir.display()
+    );
+    wait_for_shutdown_signal().await?;
+    eprintln!("shutting down");
+    node.shutdown().await?;
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() -> Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+fn run_key(cli: &Cli, command: &KeyCommand) -> Result<()> {
+    let path = key_path(cli)?;
+    let key = match command {
+        KeyCommand::New => {
+            if path.exists() {
+                bail!("a key already exists at {}; refusing to overwrite it", path.display());
+            }
+            let key = SecretKey::generate()?;
+            key.save(&path)?;
+            key
+        }
+        KeyCommand::Show => load_key(cli)?,
+    };
+    if cli.json {
+        print_json(&json!({ "public_key": key.public_key(), "path": path }))
+    } else {
+        println!("public key: {}", key.public_key());
+        println!("key file:   {}", path.display());
+        Ok(())
+    }
+}
+
+fn onnx_manifest(
+    file: &Path,
+    bytes: &[u8],
+    blob: BlobId,
+    name: &ModelName,
+    version: &Version,
+    license: &Option<String>,
+    description: &str,
+    key: &SecretKey,
+) -> Result<Manifest> {
+    let schema = vouch_engine::read_onnx_schema(bytes).with_context(|| format!("{}", file.display()))?;
+    let file_name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.ends_with(".onnx"))
+        .unwrap_or("model.onnx")
+        .to_string();
+    let body = ManifestBody {
+        name: name.clone(),
+        version: version.clone(),
+        format: ModelFormat::Onnx,
+        files: vec![ModelFile {
+            path: file_name,
+            blob,
+            size: bytes.len() as u64,
+        }],
+        inputs: schema.inputs,
+        outputs: schema.outputs,
+        license: license.clone(),
+        description: description.to_string(),
+        publisher: key.public_key(),
+    };
+    body.validate(&Default::default())?;
+    Ok(body.sign(key)?)
+}
+
+async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
+    let client = Client::new(&cli.node)?;
+    match command {
+        ModelCommand::Push {
+            file,
+            name,
+            version,
+            license,
+            description,
+        } => {
+            let key = load_key(cli)?;
+            // Read the schema before uploading anything, so a bad file fails fast.
+            let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let blob = BlobId::of(&bytes);
+            let manifest = onnx_manifest(file, &bytes, blob, name, version, license, description, &key)?;
+            drop(bytes);
+            let size = manifest.body.files[0].size;
+            let bar = progress_bar(cli, "uploading", size);
+            let uploaded = client.put_blob_file(file, bar.as_ref().map(|(_, p)| p.clone())).await?;
+            if let Some((bar, _)) = bar {
+                bar.finish_and_clear();
+            }
+            if uploaded.id != blob {
+                bail!("{} changed while it was being uploaded", file.display());
+            }
+            let published = client.publish(&manifest).await?;
+            if cli.json {
+                return print_json(&json!({
+                    "id": published.id, "name": name, "version": version,
+                    "created": published.created, "blob": uploaded.id, "size": uploaded.size,
+                }));
+            }
+            let verb = if published.created {
+                "published"
+            } else {
+                "already published, unchanged:"
+            };
+            println!(
+                "uploaded {} ({} bytes) as blob {}",
+                file.display(),
+                uploaded.size,
+                uploaded.id
+            );
+            println!("{verb} {name}@{version}");
+            println!("{}", published.id);
+            Ok(())
+        }
+        ModelCommand::Pull { reference, output } => {
+            let (view, manifest) = client.fetch_manifest(reference).await?;
+            let file = manifest.body.files.first().context("the manifest lists no files")?;
+            let bar = progress_bar(cli, "downloading", file.size);
+            let size = client
+                .get_blob_to_file(&file.blob, output, bar.as_ref().map(|(_, p)| p.clone()))
+                .await?;
+            if let Some((bar, _)) = bar {
+                bar.finish_and_clear();
+            }
+            if size != file.size {
+                let _ = std::fs::remove_file(output);
+                bail!(
+                    "blob {} has {size} bytes but the manifest says {}",
+                    file.blob,
+                    file.size
+                );
+            }
+            if cli.json {
+                return print_json(&json!({
+                    "id": view.id, "name": manifest.body.name, "version": manifest.body.version,
+                    "path": output, "size": size,
+                }));
+            }
+            println!(
+                "pulled {}@{} ({}) to {} ({size} bytes, verified)",
+                manifest.body.name,
+                manifest.body.version,
+                view.id,
+                output.display()
+            );
+            Ok(())
+        }
+        ModelCommand::List { name } => {
+            let models = client.list_models(name.as_ref(), None).await?;
+            if cli.json {
+                return print_json(&models);
+            }
+            if models.is_empty() {
+                println!("no models published");
+            }
+            for model in &models {
+                let size: u64 = model.manifest.body.files.iter().map(|f| f.size).sum();
+                println!(
+                    "{}  {}@{}  {size} bytes",
+                    model.id, model.manifest.body.name, model.manifest.body.version
+                );
+            }
+            Ok(())
+        }
+        ModelCommand::Show { reference } => {
+            let (view, manifest) = client.fetch_manifest(reference).await?;
+            if cli.json {
+                return print_json(&view);
+            }
+            print_model(&view, &manifest);
+            Ok(())
+        }
+    }
+}
+
+fn print_model(view: &ModelView, manifest: &Manifest) {
+    let body = &manifest.body;
+    println!("id:          {}", view.id);
+    println!("name:        {}@{}", body.name, body.version);
+    println!("format:      {:?}", body.format);
+    println!("publisher:   {} (signature verified)", body.publisher);
+    println!("license:     {}", body.license.as_deref().unwrap_or("-"));
+    if !body.description.is_empty() {
+        println!("description: {}", body.description);
+    }
+    for file in &body.files {
+        println!("file:        {} ({} bytes, blob {})", file.path, file.size, file.blob);
+    }
+    let describe = |spec: &vouch_types::TensorSpec| {
+        let shape = spec.shape.as_ref().map_or("?".to_string(), |dims| {
+            let dims: Vec<String> = dims
+                .iter()
+                .map(|d| match d {
+                    vouch_types::Dim::Fixed(n) => n.to_string(),
+                    vouch_types::Dim::Named(name) => name.clone(),
+                    vouch_types::Dim::Unknown => "?".into(),
+                })
+                .collect();
+            format!("[{}]", dims.join(", "))
+        });
+        format!("{} {:?} {shape}", spec.name, spec.dtype)
+    };
+    for input in &body.inputs {
+        println!("input:       {}", describe(input));
+    }
+    for output in &body.outputs {
+        println!("output:      {}", describe(output));
+    }
+}
+
+async fn run_blob(cli: &Cli, command: &BlobCommand) -> Result<()> {
+    let client = Client::new(&cli.node)?;
+    match command {
+        BlobCommand::Put { file } => {
+            let size = std::fs::metadata(file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .len();
+            let bar = progress_bar(cli, "uploading", size);
+            let info = client.put_blob_file(file, bar.as_ref().map(|(_, p)| p.clone())).await?;
+            if let Some((bar, _)) = bar {
+                bar.finish_and_clear();
+            }
+            if cli.json {
+                return print_json(&info);
+            }
+            println!("{}", info.id);
+            Ok(())
+        }
+        BlobCommand::Get { id, output } => {
+            let bar = progress_bar(cli, "downloading", 0);
+            let size = client
+                .get_blob_to_file(id, output, bar.as_ref().map(|(_, p)| p.clone()))
+                .await?;
+            if cli.json {
+                return print_json(&json!({ "id": id, "path": output, "size": size }));
+            }
+            println!("wrote {size} bytes to {} (verified)", output.display());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,162 @@
+//! Run a Vouch node: the content-addressed blob store, the model registry and the HTTP API.
 
+mod api;
+mod error;
+mod metrics;
+pub mod registry;
+mod streaming;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinHandle;
+use vouch_store::{DiskStore, StoreError};
+use vouch_types::ManifestLimits;
+
+pub use error::ApiError;
+pub use metrics::Metrics;
+use registry::{Registry, RegistryError};
+
+/// Limits on what clients may ask of a node.
+#[derive(Debug, Clone)]
+pub struct NodeLimits {
+    /// Largest blob accepted, in bytes.
+    pub max_upload_bytes: u64,
+    /// Limits on manifests, including their encoded size.
+    pub manifest: ManifestLimits,
+    /// Largest model file whose schema the node checks against its manifest, in bytes.
+    pub max_inspect_bytes: u64,
+    /// Uploads served at once; more get 503.
+    pub max_concurrent_uploads: usize,
+    /// Downloads served at once; more get 503.
+    pub max_concurrent_downloads: usize,
+    /// Deadline for requests other than blob transfers, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Longest pause allowed inside an upload body, in milliseconds.
+    pub body_idle_timeout_ms: u64,
+    /// Most models one listing returns.
+    pub max_list_items: usize,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 8 << 30,
+            manifest: ManifestLimits::default(),
+            max_inspect_bytes: 512 << 20,
+            max_concurrent_uploads: 16,
+            max_concurrent_downloads: 64,
+            request_timeout_ms: 30_000,
+            body_idle_timeout_ms: 30_000,
+            max_list_items: 1000,
+        }
+    }
+}
+
+/// How to run a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where blobs and the registry live.
+    pub data_dir: PathBuf,
+    /// Address of the HTTP API; port 0 picks a free one.
+    pub api_addr: SocketAddr,
+    /// Limits.
+    pub limits: NodeLimits,
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The blob store could not be opened.
+    #[error("cannot open the blob store: {0}")]
+    Store(#[from] StoreError),
+    /// The registry could not be opened.
+    #[error("cannot open the registry: {0}")]
+    Registry(#[from] RegistryError),
+    /// The API address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A node serving its API until shut down.
+#[derive(Debug)]
+pub struct RunningNode {
+    addr: SocketAddr,
+    shutdown: oneshot::Sender<()>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningNode {
+    /// The address the API listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The API's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting requests, lets those in flight finish, and returns.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        let _ = self.shutdown.send(());
+        self.server.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Opens the node's storage and starts serving its API.
+pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let store = DiskStore::open(&config.data_dir.join("store"), config.limits.max_upload_bytes)?;
+    let registry = Registry::open(&config.data_dir.join("registry.redb"), config.limits.manifest.clone())?;
+    let state = api::AppState {
+        store: Arc::new(store),
+        registry: Arc::new(registry),
+        metrics: Arc::new(Metrics::new()),
+        upload_slots: Arc::new(Semaphore::new(config.limits.max_concurrent_uploads)),
+        download_slots: Arc::new(Semaphore::new(config.limits.max_concurrent_downloads)),
+        limits: config.limits,
+    };
+    let listener = TcpListener::bind(config.api_addr)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr: config.api_addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
+        addr: config.api_addr,
+        source,
+    })?;
+    let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+    let app = api::router(state);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "node API listening");
+    Ok(RunningNode { addr, shutdown, server })
+}

@@ -58,6 +58,10 @@ impl DiskStore {
         self.root.join("blobs").join(&hex[..2]).join(format!("{hex}.data"))
     }
 
+    fn quarantine_path(&self, id: &BlobId) -> PathBuf {
+        self.root.join("quarantine").join(format!("{}.data", id.to_hex()))
+    }
+
     fn outboard_path(&self, id: &BlobId) -> PathBuf {
         self.blob_path(id).with_extension("obao")
     }
@@ -170,6 +174,9 @@ impl BlobStore for DiskStore {
         fs::rename(&data_path, &final_data)?;
         sync_dir(shard)?;
         drop(staged);
+        // Good bytes are back: forget that an earlier copy went bad.
+        let _ = fs::remove_file(self.quarantine_path(&id));
+        let _ = fs::remove_file(self.quarantine_path(&id).with_extension("obao"));
         Ok(PutOutcome {
             id,
             size,
@@ -193,6 +200,10 @@ impl BlobStore for DiskStore {
     fn write_verified(&self, id: &BlobId, range: Option<Range<u64>>, out: &mut dyn Write) -> Result<(), StoreError> {
         let (data, outboard) = self.open_blob(id)?;
         stream::encode(id, &data, outboard, range, out).map_err(|e| self.quarantine(e))
+    }
+
+    fn is_quarantined(&self, id: &BlobId) -> Result<bool, StoreError> {
+        Ok(self.quarantine_path(id).exists())
     }
 
     fn list(&self) -> Result<Vec<BlobId>, StoreError> {

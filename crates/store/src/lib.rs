@@ -102,6 +102,9 @@ pub trait BlobStore: Send + Sync {
     /// Writes a verified stream ([`stream`]) of a blob, or of the chunk groups covering `range`.
     fn write_verified(&self, id: &BlobId, range: Option<Range<u64>>, out: &mut dyn Write) -> Result<(), StoreError>;
 
+    /// Whether a blob was found corrupt and put aside (until the same bytes are stored again).
+    fn is_quarantined(&self, id: &BlobId) -> Result<bool, StoreError>;
+
     /// The ids of all blobs held, in id order.
     fn list(&self) -> Result<Vec<BlobId>, StoreError>;
 

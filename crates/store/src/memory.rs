@@ -1,6 +1,6 @@
 //! Blobs in memory: for tests and simulations, with the same contract as the disk store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::ops::Range;
 use std::sync::{Arc, RwLock};
@@ -23,6 +23,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct MemoryStore {
     blobs: RwLock<BTreeMap<BlobId, Arc<Entry>>>,
+    quarantined: RwLock<BTreeSet<BlobId>>,
     max_blob_bytes: u64,
 }
 
@@ -31,6 +32,7 @@ impl MemoryStore {
     pub fn new(max_blob_bytes: u64) -> Self {
         Self {
             blobs: RwLock::new(BTreeMap::new()),
+            quarantined: RwLock::new(BTreeSet::new()),
             max_blob_bytes,
         }
     }
@@ -93,6 +95,10 @@ impl BlobStore for MemoryStore {
         let created = !blobs.contains_key(&id);
         if created {
             blobs.insert(id, Arc::new(Entry { data: bytes, outboard }));
+            self.quarantined
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&id);
         }
         Ok(PutOutcome { id, size, created })
     }
@@ -108,6 +114,14 @@ impl BlobStore for MemoryStore {
 
     fn write_verified(&self, id: &BlobId, range: Option<Range<u64>>, out: &mut dyn Write) -> Result<(), StoreError> {
         self.with_verified(id, |data, outboard| stream::encode(id, data, outboard, range, out))
+    }
+
+    fn is_quarantined(&self, id: &BlobId) -> Result<bool, StoreError> {
+        Ok(self
+            .quarantined
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(id))
     }
 
     fn list(&self) -> Result<Vec<BlobId>, StoreError> {

@@ -228,6 +228,7 @@ fn detects_corruption_and_heals_on_re_put(h: &dyn Harness) {
     );
     assert!(out.len() <= 65536, "nothing from the damaged group was written");
     assert_eq!(h.store().size(&id).expect("size"), None, "a corrupt blob is put aside");
+    assert!(h.store().is_quarantined(&id).expect("quarantine state"));
     assert_eq!(
         h.store()
             .read_to_vec(&other, LIMIT)
@@ -236,6 +237,7 @@ fn detects_corruption_and_heals_on_re_put(h: &dyn Harness) {
         1000
     );
     assert!(h.store().put_bytes(&data).expect("re-put").created);
+    assert!(!h.store().is_quarantined(&id).expect("quarantine state"));
     assert_eq!(h.store().read_to_vec(&id, LIMIT).expect("healed"), data);
 }
 

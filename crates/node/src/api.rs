@@ -1,0 +1,457 @@
+//! The HTTP API under `/v1`, plus `/healthz` and `/metrics`.
+
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::TryStreamExt;
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+use vouch_store::BlobStore;
+use vouch_types::api::{BlobInfo, Health, ModelView, PublishInfo};
+use vouch_types::{BlobId, Manifest, ModelFormat, ModelName, ModelRef};
+
+use crate::NodeLimits;
+use crate::error::ApiError;
+use crate::metrics::{HttpLabels, Metrics};
+use crate::registry::{PublishOutcome, Published, Registry};
+use crate::streaming::stream_body;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub store: Arc<dyn BlobStore>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub limits: NodeLimits,
+    pub upload_slots: Arc<Semaphore>,
+    pub download_slots: Arc<Semaphore>,
+}
+
+/// Builds the router.
+pub(crate) fn router(state: AppState) -> Router {
+    let request_timeout = Duration::from_millis(state.limits.request_timeout_ms);
+    let body_idle_timeout = Duration::from_millis(state.limits.body_idle_timeout_ms);
+    // Blob transfers may take long; they are bounded by an idle timeout on the body instead.
+    let transfers = Router::new()
+        .route("/v1/blobs", post(put_blob))
+        .route("/v1/blobs/{id}", get(get_blob))
+        .route("/v1/blobs/{id}/verified", get(get_verified))
+        .layer(RequestBodyTimeoutLayer::new(body_idle_timeout));
+    let queries = Router::new()
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", post(publish_model).get(list_models))
+        .route("/v1/models/{*reference}", get(show_model))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ));
+    transfers
+        .merge(queries)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let response = next.run(request).await;
+    let labels = HttpLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    state.metrics.http_requests.get_or_create(&labels).inc();
+    response
+}
+
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+fn parse_blob_id(text: &str) -> Result<BlobId, ApiError> {
+    text.parse()
+        .map_err(|e: vouch_types::IdError| ApiError::bad_request("invalid_id", e.to_string()))
+}
+
+/// `POST /v1/blobs`: the body is the blob; `Content-Length` is required so that an oversize
+/// upload is refused before a byte of it is read.
+async fn put_blob(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let size = headers
+        .get(header::CONTENT_LENGTH)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::LENGTH_REQUIRED,
+                "length_required",
+                "a blob upload needs a Content-Length header",
+            )
+        })?
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| ApiError::bad_request("bad_content_length", "Content-Length is not a number"))?;
+    if size > state.limits.max_upload_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "blob of {size} bytes is larger than this node's limit of {} bytes",
+                state.limits.max_upload_bytes
+            ),
+        ));
+    }
+    let _slot = state.upload_slots.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_uploads",
+            "too many uploads in progress; retry later",
+        )
+    })?;
+    state.metrics.uploads_in_flight.inc();
+    let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(io::Error::other));
+    let store = state.store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut reader = tokio_util::io::SyncIoBridge::new(reader);
+        store.put(&mut reader, size)
+    })
+    .await;
+    state.metrics.uploads_in_flight.dec();
+    let outcome = result?.map_err(|error| match error {
+        vouch_store::StoreError::Io(e) => ApiError::bad_request("upload_failed", format!("upload failed: {e}")),
+        other => other.into(),
+    })?;
+    if outcome.created {
+        state.metrics.blobs_stored.inc();
+        state.metrics.blob_bytes_received.inc_by(outcome.size);
+    }
+    let status = if outcome.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(BlobInfo {
+            id: outcome.id,
+            size: outcome.size,
+            created: outcome.created,
+        }),
+    )
+        .into_response())
+}
+
+/// Parses a single `Range: bytes=…` header. `Ok(None)`: serve the whole blob (no header, or one
+/// this node does not interpret, which HTTP allows it to ignore); `Err`: unsatisfiable.
+fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<Range<u64>>, ()> {
+    let Some(spec) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let Some(spec) = spec.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let number = |s: &str| s.trim().parse::<u64>().ok();
+    match (first.trim().is_empty(), number(first), number(last)) {
+        (true, _, Some(suffix)) if suffix > 0 && size > 0 => Ok(Some(size - suffix.min(size)..size)),
+        (true, _, Some(_)) => Err(()),
+        (false, Some(start), None) if last.trim().is_empty() => {
+            if start < size {
+                Ok(Some(start..size))
+            } else {
+                Err(())
+            }
+        }
+        (false, Some(start), Some(end)) if start <= end => {
+            if start < size {
+                Ok(Some(start..end.saturating_add(1).min(size)))
+            } else {
+                Err(())
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+async fn blob_size(state: &AppState, id: BlobId) -> Result<u64, ApiError> {
+    let store = state.store.clone();
+    let (size, quarantined) = tokio::task::spawn_blocking(move || {
+        Ok::<_, vouch_store::StoreError>((store.size(&id)?, store.is_quarantined(&id)?))
+    })
+    .await??;
+    match size {
+        Some(size) => Ok(size),
+        None if quarantined => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "blob_corrupt",
+            format!("blob {id} failed verification on this node and was put aside; push it again to restore it"),
+        )),
+        None => Err(vouch_store::StoreError::NotFound(id).into()),
+    }
+}
+
+/// `GET|HEAD /v1/blobs/{id}`: raw bytes, with single-range requests; every chunk group is
+/// verified before it is sent.
+async fn get_blob(
+    State(state): State<AppState>,
+    method: Method,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_blob_id(&id)?;
+    let size = blob_size(&state, id).await?;
+    let range = parse_range(&headers, size).map_err(|()| {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range_not_satisfiable",
+            format!("blob {id} has {size} bytes"),
+        )
+    });
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, format!("\"{id}\""))
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable");
+    let range = match range {
+        Ok(range) => range,
+        Err(error) => {
+            let mut response = error.into_response();
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
+            return Ok(response);
+        }
+    };
+    let (status, byte_range) = match range {
+        Some(r) => {
+            response = response.header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", r.start, r.end - 1));
+            (StatusCode::PARTIAL_CONTENT, r)
+        }
+        None => (StatusCode::OK, 0..size),
+    };
+    response = response
+        .status(status)
+        .header(header::CONTENT_LENGTH, byte_range.end - byte_range.start);
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        let _slot = acquire_download(&state)?;
+        stream_body(state.store.clone(), state.metrics.clone(), move |store, out| {
+            let _slot = _slot;
+            store.read_range(&id, byte_range, out)
+        })
+        .await?
+    };
+    response.body(body).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn acquire_download(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state.download_slots.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_downloads",
+            "too many downloads in progress; retry later",
+        )
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct VerifiedQuery {
+    start: Option<u64>,
+    end: Option<u64>,
+}
+
+/// `GET /v1/blobs/{id}/verified[?start=&end=]`: the verified stream (see `vouch_store::stream`).
+async fn get_verified(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<VerifiedQuery>,
+) -> Result<Response, ApiError> {
+    let id = parse_blob_id(&id)?;
+    let size = blob_size(&state, id).await?;
+    let range = match (query.start, query.end) {
+        (None, None) => None,
+        (start, end) => {
+            let range = start.unwrap_or(0)..end.unwrap_or(size);
+            if range.start > range.end || range.end > size {
+                return Err(ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "range_not_satisfiable",
+                    format!(
+                        "range {}..{} is outside blob {id} of {size} bytes",
+                        range.start, range.end
+                    ),
+                ));
+            }
+            Some(range)
+        }
+    };
+    let slot = acquire_download(&state)?;
+    let body = stream_body(state.store.clone(), state.metrics.clone(), move |store, out| {
+        let _slot = slot;
+        store.write_verified(&id, range, out)
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "application/vnd.vouch.verified-stream")], body).into_response())
+}
+
+fn view(published: Published) -> ModelView {
+    ModelView {
+        id: published.id,
+        published_seq: published.seq,
+        manifest: published.manifest,
+    }
+}
+
+/// `POST /v1/models`: the body is a signed manifest in its canonical encoding.
+async fn publish_model(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let limit = state.limits.manifest.max_encoded_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("a manifest is at most {limit} bytes"),
+        )
+    })?;
+    let manifest = Manifest::decode(&bytes, &state.limits.manifest)?;
+    let task_state = state.clone();
+    let (outcome, id) = tokio::task::spawn_blocking(move || publish(&task_state, &manifest, &bytes)).await??;
+    if outcome == PublishOutcome::Created {
+        state.metrics.models_published.inc();
+        tracing::info!(model = %id, "published");
+    }
+    let created = outcome == PublishOutcome::Created;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(PublishInfo { id, created })).into_response())
+}
+
+/// Checks a decoded manifest against the stored files, stores its bytes, and registers it.
+fn publish(
+    state: &AppState,
+    manifest: &Manifest,
+    bytes: &[u8],
+) -> Result<(PublishOutcome, vouch_types::ModelId), ApiError> {
+    let unprocessable = |code, message: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
+    for file in &manifest.body.files {
+        match state.store.size(&file.blob)? {
+            None => {
+                return Err(unprocessable(
+                    "missing_blob",
+                    format!(
+                        "file '{}' refers to blob {}, which this node does not hold; upload it first",
+                        file.path, file.blob
+                    ),
+                ));
+            }
+            Some(size) if size != file.size => {
+                return Err(unprocessable(
+                    "size_mismatch",
+                    format!(
+                        "file '{}' is declared as {} bytes but blob {} has {size}",
+                        file.path, file.size, file.blob
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    match manifest.body.format {
+        ModelFormat::Onnx => {
+            // Check, don't trust: the schema a manifest advertises must be the model's own.
+            let file = &manifest.body.files[0];
+            if file.size <= state.limits.max_inspect_bytes {
+                let model = state.store.read_to_vec(&file.blob, state.limits.max_inspect_bytes)?;
+                let schema = vouch_engine::read_onnx_schema(&model)
+                    .map_err(|e| unprocessable("invalid_model", format!("file '{}': {e}", file.path)))?;
+                if schema.inputs != manifest.body.inputs || schema.outputs != manifest.body.outputs {
+                    return Err(unprocessable(
+                        "schema_mismatch",
+                        "the manifest's inputs and outputs differ from those in the ONNX file".into(),
+                    ));
+                }
+            } else {
+                tracing::warn!(
+                    size = file.size,
+                    "model larger than the inspection limit; its schema is taken as declared"
+                );
+            }
+        }
+    }
+    let stored = state.store.put_bytes(bytes)?;
+    let outcome = state.registry.publish(manifest)?;
+    Ok((outcome, vouch_types::ModelId(stored.id)))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    name: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/models[?name=&limit=]`: published models in publication order.
+async fn list_models(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<ModelView>>, ApiError> {
+    let name = query
+        .name
+        .map(|n| n.parse::<ModelName>())
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid_name", e.to_string()))?;
+    let limit = query
+        .limit
+        .unwrap_or(state.limits.max_list_items)
+        .min(state.limits.max_list_items);
+    let registry = state.registry.clone();
+    let models = tokio::task::spawn_blocking(move || registry.list(name.as_ref(), limit)).await??;
+    Ok(Json(models.into_iter().map(view).collect()))
+}
+
+/// `GET /v1/models/{ref}`: a model by id, `name@version` or `name` (latest version).
+async fn show_model(State(state): State<AppState>, Path(reference): Path<String>) -> Result<Json<ModelView>, ApiError> {
+    let reference: ModelRef = reference
+        .parse()
+        .map_err(|e: vouch_types::NameError| ApiError::bad_request("invalid_reference", e.to_string()))?;
+    let registry = state.registry.clone();
+    let lookup = reference.clone();
+    let found = tokio::task::spawn_blocking(move || registry.resolve(&lookup)).await??;
+    found.map(|published| Json(view(published))).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("no model {reference} on this node"),
+        )
+    })
+}
