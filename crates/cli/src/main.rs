@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -87,22 +87,7 @@ enum KeyCommand {
 #[derive(Debug, Subcommand)]
 enum ModelCommand {
     /// Upload a model file and publish it as NAME@VERSION, signed with your key.
-    Push {
-        /// The ONNX file.
-        file: PathBuf,
-        /// `namespace/model`.
-        #[arg(long)]
-        name: ModelName,
-        /// The version to publish; a published version is immutable.
-        #[arg(long)]
-        version: Version,
-        /// SPDX license expression.
-        #[arg(long)]
-        license: Option<String>,
-        /// Free-text description.
-        #[arg(long, default_value = "")]
-        description: String,
-    },
+    Push(PushArgs),
     /// Download a model's file, verified against its id.
     Pull {
         /// Model id, `name@version`, or `name` (latest version).
@@ -122,6 +107,24 @@ enum ModelCommand {
         /// Model id, `name@version`, or `name` (latest version).
         reference: ModelRef,
     },
+}
+
+#[derive(Debug, Args)]
+struct PushArgs {
+    /// The ONNX file.
+    file: PathBuf,
+    /// `namespace/model`.
+    #[arg(long)]
+    name: ModelName,
+    /// The version to publish; a published version is immutable.
+    #[arg(long)]
+    version: Version,
+    /// SPDX license expression.
+    #[arg(long)]
+    license: Option<String>,
+    /// Free-text description.
+    #[arg(long, default_value = "")]
+    description: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,16 +265,9 @@ fn run_key(cli: &Cli, command: &KeyCommand) -> Result<()> {
     }
 }
 
-fn onnx_manifest(
-    file: &Path,
-    bytes: &[u8],
-    blob: BlobId,
-    name: &ModelName,
-    version: &Version,
-    license: &Option<String>,
-    description: &str,
-    key: &SecretKey,
-) -> Result<Manifest> {
+/// Builds and signs the manifest for an ONNX file, its schema read from the file itself.
+fn onnx_manifest(args: &PushArgs, bytes: &[u8], key: &SecretKey) -> Result<Manifest> {
+    let file = &args.file;
     let schema = vouch_engine::read_onnx_schema(bytes).with_context(|| format!("{}", file.display()))?;
     let file_name = file
         .file_name()
@@ -280,18 +276,18 @@ fn onnx_manifest(
         .unwrap_or("model.onnx")
         .to_string();
     let body = ManifestBody {
-        name: name.clone(),
-        version: version.clone(),
+        name: args.name.clone(),
+        version: args.version.clone(),
         format: ModelFormat::Onnx,
         files: vec![ModelFile {
             path: file_name,
-            blob,
+            blob: BlobId::of(bytes),
             size: bytes.len() as u64,
         }],
         inputs: schema.inputs,
         outputs: schema.outputs,
-        license: license.clone(),
-        description: description.to_string(),
+        license: args.license.clone(),
+        description: args.description.clone(),
         publisher: key.public_key(),
     };
     body.validate(&Default::default())?;
@@ -301,18 +297,13 @@ fn onnx_manifest(
 async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
     let client = Client::new(&cli.node)?;
     match command {
-        ModelCommand::Push {
-            file,
-            name,
-            version,
-            license,
-            description,
-        } => {
+        ModelCommand::Push(args) => {
             let key = load_key(cli)?;
+            let (file, name, version) = (&args.file, &args.name, &args.version);
             // Read the schema before uploading anything, so a bad file fails fast.
             let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let blob = BlobId::of(&bytes);
-            let manifest = onnx_manifest(file, &bytes, blob, name, version, license, description, &key)?;
+            let manifest = onnx_manifest(args, &bytes, &key)?;
+            let blob = manifest.body.files[0].blob;
             drop(bytes);
             let size = manifest.body.files[0].size;
             let bar = progress_bar(cli, "uploading", size);
@@ -474,7 +465,22 @@ async fn run_blob(cli: &Cli, command: &BlobCommand) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One line, like every other failure; `--help` has the rest.
+            let rendered = e.to_string();
+            eprintln!(
+                "{}",
+                rendered
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("error: invalid arguments")
+            );
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

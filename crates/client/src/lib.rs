@@ -270,8 +270,13 @@ impl Client {
             Ok(done) => Ok(done),
             Err(VerifyError::Mismatch { .. }) => Err(ClientError::Corrupt(decoded_error(decoded))),
             Err(VerifyError::Truncated { .. } | VerifyError::Io { .. }) => {
-                // A transfer that broke off: ask whether the node found its copy corrupt.
-                match self.send(self.http.head(self.url(&format!("/v1/blobs/{id}")))).await {
+                // A transfer that broke off: ask whether the node found its copy corrupt (a
+                // one-byte GET, because only a response with a body carries the error code).
+                let probe = self
+                    .http
+                    .get(self.url(&format!("/v1/blobs/{id}")))
+                    .header(reqwest::header::RANGE, "bytes=0-0");
+                match self.send(probe).await {
                     Err(ClientError::Api { code, .. }) if code == "blob_corrupt" => Err(ClientError::Corrupt(format!(
                         "blob {id} failed verification on the node at {}, which stopped serving it",
                         self.base_url

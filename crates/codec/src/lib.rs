@@ -114,10 +114,10 @@ mod tests {
         let mut out = Vec::new();
         write_vec(&[1u32, 2, 3], &mut out, |item, buf| buf.put_u32(*item));
         let mut buf = bytes::Bytes::from(out.clone());
-        let items = read_vec(&mut buf, 3, |b| u32::read(b)).expect("decodes");
+        let items = read_vec(&mut buf, 3, u32::read).expect("decodes");
         assert_eq!(items, vec![1, 2, 3]);
         let mut buf = bytes::Bytes::from(out);
-        assert!(read_vec(&mut buf, 2, |b| u32::read(b)).is_err());
+        assert!(read_vec(&mut buf, 2, u32::read).is_err());
     }
 
     #[test]

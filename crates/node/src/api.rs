@@ -410,6 +410,10 @@ fn publish(
         }
     }
     let stored = state.store.put_bytes(bytes)?;
+    if stored.created {
+        state.metrics.blobs_stored.inc();
+        state.metrics.blob_bytes_received.inc_by(stored.size);
+    }
     let outcome = state.registry.publish(manifest)?;
     Ok((outcome, vouch_types::ModelId(stored.id)))
 }
