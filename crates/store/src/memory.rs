@@ -75,6 +75,10 @@ impl MemoryStore {
                     .write()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .remove(id);
+                self.quarantined
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .insert(*id);
             }
         })
     }
