@@ -397,11 +397,16 @@ async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
     }
 }
 
+/// The name a unit enum has in the JSON API (`float32`, `onnx`), so both outputs agree.
+fn serde_name(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
 fn print_model(view: &ModelView, manifest: &Manifest) {
     let body = &manifest.body;
     println!("id:          {}", view.id);
     println!("name:        {}@{}", body.name, body.version);
-    println!("format:      {:?}", body.format);
+    println!("format:      {}", serde_name(&body.format));
     println!("publisher:   {} (signature verified)", body.publisher);
     println!("license:     {}", body.license.as_deref().unwrap_or("-"));
     if !body.description.is_empty() {
@@ -422,7 +427,7 @@ fn print_model(view: &ModelView, manifest: &Manifest) {
                 .collect();
             format!("[{}]", dims.join(", "))
         });
-        format!("{} {:?} {shape}", spec.name, spec.dtype)
+        format!("{} {} {shape}", spec.name, serde_name(&spec.dtype))
     };
     for input in &body.inputs {
         println!("input:       {}", describe(input));

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use futures::TryStreamExt;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
-use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use vouch_store::BlobStore;
 use vouch_types::api::{BlobInfo, Health, ModelView, PublishInfo};
 use vouch_types::{BlobId, Manifest, ModelFormat, ModelName, ModelRef};
@@ -52,15 +52,25 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", post(publish_model).get(list_models))
         .route("/v1/models/{*reference}", get(show_model))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            request_timeout,
-        ));
+        .layer(middleware::from_fn_with_state(request_timeout, deadline));
     transfers
         .merge(queries)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
+}
+
+/// Answers `408 request_timeout` (as JSON, like every error) when a request runs past its deadline.
+async fn deadline(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {} ms", timeout.as_millis()),
+        )
+        .into_response(),
+    }
 }
 
 async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
