@@ -84,10 +84,20 @@ fn start_node(data_dir: &Path, max_upload_bytes: u64) -> Result<Node> {
     let exe = std::env::current_exe()?;
     let vouch = exe.with_file_name("vouch");
     if !vouch.exists() {
-        bail!("{} not found: build it with `cargo build --release -p vouch-cli` (scripts/bench-hub does)", vouch.display());
+        bail!(
+            "{} not found: build it with `cargo build --release -p vouch-cli` (scripts/bench-hub does)",
+            vouch.display()
+        );
     }
     let mut child = Command::new(&vouch)
-        .args(["node", "--api", "127.0.0.1:0", "--max-upload-bytes", &max_upload_bytes.to_string(), "--data-dir"])
+        .args([
+            "node",
+            "--api",
+            "127.0.0.1:0",
+            "--max-upload-bytes",
+            &max_upload_bytes.to_string(),
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -95,7 +105,11 @@ fn start_node(data_dir: &Path, max_upload_bytes: u64) -> Result<Node> {
         .with_context(|| format!("starting {}", vouch.display()))?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("node stdout")?).read_line(&mut line)?;
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).context("node printed no URL")?.to_string();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .context("node printed no URL")?
+        .to_string();
     Ok(Node { child, url })
 }
 
@@ -111,6 +125,23 @@ fn hash_one_thread(path: &Path) -> Result<blake3::Hash> {
         hasher.update(&buf[..n]);
     }
     Ok(hasher.finalize())
+}
+
+/// What any durable store must at least do: read the bytes, write them through the page
+/// cache, and wait for the disk.
+fn write_blocks_and_sync(source: &Path, target: &Path) -> Result<()> {
+    let mut input = File::open(source)?;
+    let mut output = File::create(target)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        output.write_all(&buf[..n])?;
+    }
+    output.sync_all()?;
+    Ok(())
 }
 
 fn hub(size_mib: u64, runs: usize, dir: Option<PathBuf>) -> Result<()> {
@@ -135,6 +166,7 @@ fn hub(size_mib: u64, runs: usize, dir: Option<PathBuf>) -> Result<()> {
         ("BLAKE3 hash, all threads (mmap)", vec![]),
         ("cp", vec![]),
         ("cp + fsync", vec![]),
+        ("write() in 1 MiB blocks + fsync (dd conv=fsync)", vec![]),
         ("vouch push (upload, hash, outboard, fsync)", vec![]),
         ("vouch pull (verified stream to file)", vec![]),
     ];
@@ -163,17 +195,23 @@ fn hub(size_mib: u64, runs: usize, dir: Option<PathBuf>) -> Result<()> {
         })?;
         results[3].1.push(t);
         std::fs::remove_file(&copy)?;
+        let (t, ()) = time(|| write_blocks_and_sync(&source, &copy))?;
+        results[4].1.push(t);
+        std::fs::remove_file(&copy)?;
 
         let data_dir = dir.join(format!("node-{run}"));
         let node = start_node(&data_dir, size + 1)?;
         let client = vouch_client::Client::new(&node.url)?;
         let (t, info) = time(|| Ok(runtime.block_on(client.put_blob_file(&source, None))?))?;
-        anyhow::ensure!(info.id.hash() == expected.as_bytes() && info.created, "push stored the wrong blob");
-        results[4].1.push(t);
+        anyhow::ensure!(
+            info.id.hash() == expected.as_bytes() && info.created,
+            "push stored the wrong blob"
+        );
+        results[5].1.push(t);
         let pulled = dir.join("pulled.bin");
         let (t, pulled_size) = time(|| Ok(runtime.block_on(client.get_blob_to_file(&info.id, &pulled, None))?))?;
         anyhow::ensure!(pulled_size == size, "pulled {pulled_size} bytes");
-        results[5].1.push(t);
+        results[6].1.push(t);
         std::fs::remove_file(&pulled)?;
         drop(node);
         std::fs::remove_dir_all(&data_dir)?;

@@ -192,14 +192,14 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Node(args) => run_node(args).await,
+        Command::Node(args) => run_node(args, cli.json).await,
         Command::Key(command) => run_key(&cli, command),
         Command::Model(command) => run_model(&cli, command).await,
         Command::Blob(command) => run_blob(&cli, command).await,
     }
 }
 
-async fn run_node(args: &NodeArgs) -> Result<()> {
+async fn run_node(args: &NodeArgs, json: bool) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -223,11 +223,15 @@ async fn run_node(args: &NodeArgs) -> Result<()> {
     })
     .await?;
     // Scripts and tests read this line to learn the address (the port may have been 0).
-    println!(
-        "vouch node listening on {} (data in {})",
-        node.url(),
-        data_dir.display()
-    );
+    if json {
+        println!("{}", json!({ "api": node.url(), "data_dir": data_dir }));
+    } else {
+        println!(
+            "vouch node listening on {} (data in {})",
+            node.url(),
+            data_dir.display()
+        );
+    }
     wait_for_shutdown_signal().await?;
     eprintln!("shutting down");
     node.shutdown().await?;
@@ -399,7 +403,10 @@ async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
 
 /// The name a unit enum has in the JSON API (`float32`, `onnx`), so both outputs agree.
 fn serde_name(value: &impl serde::Serialize) -> String {
-    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn print_model(view: &ModelView, manifest: &Manifest) {

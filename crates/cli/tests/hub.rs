@@ -524,3 +524,28 @@ fn cli_failures_are_one_clear_line() {
     ])
     .failed_with("not a valid ONNX model");
 }
+
+#[test]
+fn the_node_reports_its_address_as_json_too() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(common::VOUCH)
+        .args(["node", "--json", "--api", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("line");
+    let _ = child.kill();
+    let _ = child.wait();
+    let value: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+    assert!(
+        value["api"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("http://127.0.0.1:")),
+        "{line}"
+    );
+}

@@ -209,7 +209,9 @@ impl Client {
     ) -> Result<u64, ClientError> {
         let partial = partial_path(path);
         let file = std::fs::File::create(&partial).map_err(file_error(&partial))?;
-        let result = self.get_verified(id, Box::new(file), u64::MAX, progress).await;
+        let result = self
+            .get_verified(id, Box::new(stream::FileSink::new(file)), u64::MAX, progress)
+            .await;
         match result {
             Ok((size, _)) => {
                 std::fs::rename(&partial, path).map_err(file_error(path))?;
@@ -240,28 +242,19 @@ impl Client {
             .send(self.http.get(self.url(&format!("/v1/blobs/{id}/verified"))))
             .await?;
         let mut received = 0u64;
-        let body = response
-            .bytes_stream()
-            .map_ok(move |chunk| {
-                received += chunk.len() as u64;
-                if let Some(progress) = &progress {
-                    progress(received);
-                }
-                chunk
-            })
-            .map_err(io::Error::other);
-        let reader = tokio_util::io::StreamReader::new(body);
+        let body = response.bytes_stream().map_ok(move |chunk| {
+            received += chunk.len() as u64;
+            if let Some(progress) = &progress {
+                progress(received);
+            }
+            chunk
+        });
+        let (reader, pump) = vouch_store::bridge::reader(body);
+        tokio::spawn(pump);
         let id_copy = *id;
         let decoded = tokio::task::spawn_blocking(move || {
             let mut sink = sink;
-            let reader = tokio_util::io::SyncIoBridge::new(reader);
-            let size = stream::decode(
-                &id_copy,
-                io::BufReader::with_capacity(1 << 20, reader),
-                None,
-                max_bytes,
-                sink.as_verified(),
-            )?;
+            let size = stream::decode(&id_copy, reader, None, max_bytes, sink.as_verified())?;
             Ok::<_, VerifyError>((size, sink))
         })
         .await
@@ -391,7 +384,7 @@ impl Sink for Vec<u8> {
     }
 }
 
-impl Sink for std::fs::File {
+impl Sink for stream::FileSink {
     fn as_verified(&mut self) -> &mut dyn stream::VerifiedSink {
         self
     }

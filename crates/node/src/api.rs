@@ -1,6 +1,5 @@
 //! The HTTP API under `/v1`, plus `/healthz` and `/metrics`.
 
-use std::io;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +11,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::TryStreamExt;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -146,13 +144,10 @@ async fn put_blob(State(state): State<AppState>, headers: HeaderMap, body: Body)
         )
     })?;
     state.metrics.uploads_in_flight.inc();
-    let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(io::Error::other));
+    let (mut reader, pump) = vouch_store::bridge::reader(body.into_data_stream());
+    tokio::spawn(pump);
     let store = state.store.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let mut reader = tokio_util::io::SyncIoBridge::new(reader);
-        store.put(&mut reader, size)
-    })
-    .await;
+    let result = tokio::task::spawn_blocking(move || store.put(&mut reader, size)).await;
     state.metrics.uploads_in_flight.dec();
     let outcome = result?.map_err(|error| match error {
         vouch_store::StoreError::Io(e) => ApiError::bad_request("upload_failed", format!("upload failed: {e}")),

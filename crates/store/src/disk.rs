@@ -5,6 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use bao_tree::BaoTree;
 use bao_tree::io::outboard::PostOrderOutboard;
@@ -93,7 +94,7 @@ impl DiskStore {
     }
 
     /// Opens a blob for verified reading.
-    fn open_blob(&self, id: &BlobId) -> Result<(File, PostOrderOutboard<File>), StoreError> {
+    fn open_blob(&self, id: &BlobId) -> Result<(ReadAhead, PostOrderOutboard<ReadAhead>), StoreError> {
         let data = match File::open(self.blob_path(id)) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound(*id)),
@@ -108,14 +109,12 @@ impl DiskStore {
             Err(e) => return Err(e.into()),
         };
         let tree = BaoTree::new(size, block_size());
-        Ok((
-            data,
-            PostOrderOutboard {
-                root: blake3::Hash::from(*id.hash()),
-                tree,
-                data: outboard,
-            },
-        ))
+        let outboard = PostOrderOutboard {
+            root: blake3::Hash::from(*id.hash()),
+            tree,
+            data: ReadAhead::new(outboard),
+        };
+        Ok((ReadAhead::new(data), outboard))
     }
 
     /// Moves a blob that failed verification out of service, then returns the error.
@@ -131,6 +130,125 @@ impl DiskStore {
         }
         error
     }
+}
+
+/// Positioned reads served from a window read ahead of them. Verified reads walk a blob and its
+/// outboard front to back in 16 KiB groups and 64-byte hash pairs; reading 1 MiB at a time
+/// instead turns some hundred thousand system calls per GiB into about two thousand.
+struct ReadAhead {
+    file: File,
+    window: std::cell::RefCell<(u64, Vec<u8>)>,
+}
+
+impl ReadAhead {
+    const WINDOW_BYTES: usize = 1 << 20;
+
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            window: std::cell::RefCell::new((0, Vec::new())),
+        }
+    }
+}
+
+impl positioned_io::ReadAt for ReadAhead {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        if buf.len() >= Self::WINDOW_BYTES {
+            return FileExt::read_at(&self.file, buf, pos);
+        }
+        let mut window = self.window.borrow_mut();
+        let (start, bytes) = &mut *window;
+        let inside = pos >= *start && pos + buf.len() as u64 <= *start + bytes.len() as u64;
+        if !inside {
+            bytes.resize(Self::WINDOW_BYTES, 0);
+            let mut filled = 0;
+            while filled < bytes.len() {
+                match FileExt::read_at(&self.file, &mut bytes[filled..], pos + filled as u64) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            bytes.truncate(filled);
+            *start = pos;
+        }
+        let offset = (pos - *start) as usize;
+        let n = buf.len().min(bytes.len().saturating_sub(offset));
+        buf[..n].copy_from_slice(&bytes[offset..offset + n]);
+        Ok(n)
+    }
+}
+
+/// Bytes handed to the writer thread at a time.
+const WRITE_BLOCK_BYTES: usize = 1 << 20;
+/// Blocks queued for the writer thread: bounds the memory an upload holds.
+const WRITE_QUEUE_BLOCKS: usize = 4;
+
+/// Runs `produce` with a sink whose bytes a second thread writes to `file`, so that receiving
+/// and hashing overlap with the copy into the page cache; then syncs the file to disk.
+fn write_behind<T>(file: File, produce: impl FnOnce(&mut dyn Write) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    /// Fills blocks and queues them; empty blocks come back for reuse.
+    struct Queue {
+        full: mpsc::SyncSender<Vec<u8>>,
+        empty: mpsc::Receiver<Vec<u8>>,
+        block: Vec<u8>,
+    }
+    impl Queue {
+        fn send(&mut self) -> io::Result<()> {
+            let next = self
+                .empty
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(WRITE_BLOCK_BYTES));
+            let block = std::mem::replace(&mut self.block, next);
+            self.full
+                .send(block)
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the writer stopped"))
+        }
+    }
+    impl Write for Queue {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            let n = data.len().min(WRITE_BLOCK_BYTES - self.block.len());
+            self.block.extend_from_slice(&data[..n]);
+            if self.block.len() == WRITE_BLOCK_BYTES {
+                self.send()?;
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            if self.block.is_empty() { Ok(()) } else { self.send() }
+        }
+    }
+    let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(WRITE_QUEUE_BLOCKS);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> io::Result<()> {
+            let mut file = file;
+            for mut block in full_rx {
+                file.write_all(&block)?;
+                block.clear();
+                let _ = empty_tx.send(block);
+            }
+            file.sync_all()
+        });
+        let mut queue = Queue {
+            full: full_tx,
+            empty: empty_rx,
+            block: Vec::with_capacity(WRITE_BLOCK_BYTES),
+        };
+        let produced = produce(&mut queue).and_then(|value| queue.flush().map(|()| value).map_err(StoreError::Io));
+        drop(queue);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
+        match (produced, written) {
+            (Ok(value), Ok(())) => Ok(value),
+            // A disk error stops the writer, which the producer sees as a broken queue: report the cause.
+            (Ok(_) | Err(StoreError::Io(_)), Err(disk)) => Err(StoreError::Io(disk)),
+            (Err(error), _) => Err(error),
+        }
+    })
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
@@ -151,12 +269,10 @@ impl BlobStore for DiskStore {
             paths: vec![data_path.clone(), outboard_path.clone()],
         };
         let create = |path: &Path| OpenOptions::new().write(true).create_new(true).open(path);
-        let mut data_file = BufWriter::with_capacity(1 << 20, create(&data_path)?);
+        let data_file = create(&data_path)?;
         let mut outboard_file = BufWriter::with_capacity(1 << 16, create(&outboard_path)?);
-        let id = copy_and_hash(data, size, &mut data_file, &mut outboard_file)?;
-        for file in [data_file, outboard_file] {
-            file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        }
+        let id = write_behind(data_file, |sink| copy_and_hash(data, size, sink, &mut outboard_file))?;
+        outboard_file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         let final_data = self.blob_path(&id);
         if final_data.exists() {
             return Ok(PutOutcome {

@@ -6,6 +6,7 @@
 //! detected and never served: the read fails with [`StoreError::Corrupt`] and the blob is put
 //! aside. The store moves bytes and never interprets them.
 
+pub mod bridge;
 mod disk;
 mod memory;
 pub mod stream;

@@ -214,6 +214,10 @@ pub trait VerifiedSink {
     fn begin(&mut self, size: u64) -> io::Result<()>;
     /// A verified chunk group.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Called once after the last chunk group has verified.
+    fn finish(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl VerifiedSink for Vec<u8> {
@@ -233,12 +237,49 @@ impl VerifiedSink for Vec<u8> {
     }
 }
 
-impl VerifiedSink for std::fs::File {
+/// Writes verified chunk groups to a file, gathering contiguous groups into large writes.
+#[derive(Debug)]
+pub struct FileSink {
+    file: std::fs::File,
+    pending: Vec<u8>,
+    pending_offset: u64,
+}
+
+impl FileSink {
+    /// Bytes gathered before a write.
+    const WRITE_BYTES: usize = 1 << 20;
+
+    /// A sink writing into `file`.
+    pub fn new(file: std::fs::File) -> Self {
+        Self {
+            file,
+            pending: Vec::with_capacity(Self::WRITE_BYTES),
+            pending_offset: 0,
+        }
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &self.pending, self.pending_offset)?;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+impl VerifiedSink for FileSink {
     fn begin(&mut self, size: u64) -> io::Result<()> {
-        self.set_len(size)
+        self.file.set_len(size)
     }
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(self, data, offset)
+        let contiguous = offset == self.pending_offset + self.pending.len() as u64;
+        if !contiguous || self.pending.len() + data.len() > Self::WRITE_BYTES {
+            self.write_pending()?;
+            self.pending_offset = offset;
+        }
+        self.pending.extend_from_slice(data);
+        Ok(())
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        self.write_pending()
     }
 }
 
@@ -297,5 +338,6 @@ pub fn decode(
             Err(DecodeError::Io(e)) => return Err(io_error(e)),
         }
     }
+    sink.finish().map_err(io_error)?;
     Ok(size)
 }
