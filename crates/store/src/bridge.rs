@@ -15,29 +15,38 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 /// Chunks in flight between the two sides: bounds the memory a transfer holds.
 const CHANNEL_CHUNKS: usize = 4;
 
-/// A blocking `Read` over chunks sent from an async task. Use it on a blocking thread only.
+/// A blocking `Read` over batches of frames sent from an async task. Use it on a blocking
+/// thread only.
 #[derive(Debug)]
 pub struct ChunkReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
+    rx: mpsc::Receiver<io::Result<Vec<Bytes>>>,
+    frames: std::collections::VecDeque<Bytes>,
 }
 
 impl io::Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(chunk)) => self.current = chunk,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
+        loop {
+            match self.frames.front_mut() {
+                Some(frame) if frame.is_empty() => {
+                    self.frames.pop_front();
+                }
+                Some(frame) => {
+                    let n = buf.len().min(frame.len());
+                    buf[..n].copy_from_slice(&frame.split_to(n));
+                    return Ok(n);
+                }
+                None => match self.rx.blocking_recv() {
+                    Some(Ok(batch)) => self.frames.extend(batch),
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(0),
+                },
             }
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
     }
 }
 
 /// Returns a blocking reader of `stream`, and the future that feeds it (spawn it on the runtime).
+/// Frames are passed on without copying, in batches of at least [`CHUNK_BYTES`].
 pub fn reader<S, E>(stream: S) -> (ChunkReader, impl Future<Output = ()> + Send + 'static)
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
@@ -46,19 +55,18 @@ where
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     let pump = async move {
         let mut stream = std::pin::pin!(stream);
-        let mut pending = BytesMut::new();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
         loop {
             match stream.next().await {
                 Some(Ok(frame)) => {
-                    if pending.is_empty() && frame.len() >= CHUNK_BYTES {
-                        if tx.send(Ok(frame)).await.is_err() {
+                    batch_bytes += frame.len();
+                    batch.push(frame);
+                    if batch_bytes >= CHUNK_BYTES {
+                        batch_bytes = 0;
+                        if tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
                             return;
                         }
-                        continue;
-                    }
-                    pending.extend_from_slice(&frame);
-                    if pending.len() >= CHUNK_BYTES && tx.send(Ok(pending.split().freeze())).await.is_err() {
-                        return;
                     }
                 }
                 Some(Err(e)) => {
@@ -66,21 +74,15 @@ where
                     return;
                 }
                 None => {
-                    if !pending.is_empty() {
-                        let _ = tx.send(Ok(pending.freeze())).await;
+                    if !batch.is_empty() {
+                        let _ = tx.send(Ok(batch)).await;
                     }
                     return;
                 }
             }
         }
     };
-    (
-        ChunkReader {
-            rx,
-            current: Bytes::new(),
-        },
-        pump,
-    )
+    (ChunkReader { rx, frames: std::collections::VecDeque::new() }, pump)
 }
 
 /// A blocking `Write` whose bytes an async receiver gets in chunks. Use it on a blocking thread
