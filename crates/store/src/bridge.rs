@@ -82,7 +82,13 @@ where
             }
         }
     };
-    (ChunkReader { rx, frames: std::collections::VecDeque::new() }, pump)
+    (
+        ChunkReader {
+            rx,
+            frames: std::collections::VecDeque::new(),
+        },
+        pump,
+    )
 }
 
 /// A blocking `Write` whose bytes an async receiver gets in chunks. Use it on a blocking thread
