@@ -15,7 +15,7 @@ use reqwest::header::CONTENT_LENGTH;
 use serde::de::DeserializeOwned;
 use vouch_store::stream::{self, VerifyError};
 use vouch_types::api::{BlobInfo, ErrorBody, Health, ModelView, PublishInfo};
-use vouch_types::{BlobId, Manifest, ManifestError, ManifestLimits, ModelId, ModelName, ModelRef};
+use vouch_types::{BlobId, Manifest, ManifestError, ManifestLimits, ModelName, ModelRef};
 
 /// Reports progress: bytes transferred so far.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
@@ -59,16 +59,6 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
-}
-
-impl ClientError {
-    /// The node's error code, for errors the node reported.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            Self::Api { code, .. } => Some(code),
-            _ => None,
-        }
-    }
 }
 
 fn file_error(path: &Path) -> impl FnOnce(io::Error) -> ClientError + '_ {
@@ -341,11 +331,6 @@ impl Client {
             )));
         }
         Ok((view, manifest))
-    }
-
-    /// The id of `reference` without verifying the manifest.
-    pub async fn resolve(&self, reference: &ModelRef) -> Result<ModelId, ClientError> {
-        Ok(self.show_model(reference).await?.id)
     }
 }
 

@@ -67,18 +67,25 @@ impl DiskStore {
         self.blob_path(id).with_extension("obao")
     }
 
-    /// An outboard without its data file is what a crash between the two renames leaves.
-    fn remove_orphan_outboards(&self) -> Result<(), StoreError> {
+    /// Every file in the blob shards.
+    fn stored_files(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut files = Vec::new();
         for shard in fs::read_dir(self.root.join("blobs"))? {
             let shard = shard?.path();
-            if !shard.is_dir() {
-                continue;
-            }
-            for entry in fs::read_dir(&shard)? {
-                let path = entry?.path();
-                if path.extension().is_some_and(|e| e == "obao") && !path.with_extension("data").exists() {
-                    fs::remove_file(&path)?;
+            if shard.is_dir() {
+                for entry in fs::read_dir(&shard)? {
+                    files.push(entry?.path());
                 }
+            }
+        }
+        Ok(files)
+    }
+
+    /// An outboard without its data file is what a crash between the two renames leaves.
+    fn remove_orphan_outboards(&self) -> Result<(), StoreError> {
+        for path in self.stored_files()? {
+            if path.extension().is_some_and(|e| e == "obao") && !path.with_extension("data").exists() {
+                fs::remove_file(&path)?;
             }
         }
         Ok(())
@@ -324,25 +331,14 @@ impl BlobStore for DiskStore {
     }
 
     fn list(&self) -> Result<Vec<BlobId>, StoreError> {
-        let mut ids = Vec::new();
-        for shard in fs::read_dir(self.root.join("blobs"))? {
-            let shard = shard?.path();
-            if !shard.is_dir() {
-                continue;
-            }
-            for entry in fs::read_dir(&shard)? {
-                let path = entry?.path();
-                let hash = path
-                    .extension()
-                    .filter(|e| *e == "data")
-                    .and_then(|_| path.file_stem())
-                    .and_then(|stem| stem.to_str())
-                    .and_then(|stem| <[u8; 32]>::try_from(hex::decode(stem).ok()?).ok());
-                if let Some(hash) = hash {
-                    ids.push(BlobId::from_hash(hash));
-                }
-            }
-        }
+        let mut ids: Vec<BlobId> = self
+            .stored_files()?
+            .iter()
+            .filter(|path| path.extension().is_some_and(|e| e == "data"))
+            .filter_map(|path| path.file_stem()?.to_str().map(str::to_owned))
+            .filter_map(|stem| <[u8; 32]>::try_from(hex::decode(stem).ok()?).ok())
+            .map(BlobId::from_hash)
+            .collect();
         ids.sort();
         Ok(ids)
     }
