@@ -176,7 +176,7 @@ fn progress_bar(cli: &Cli, label: &str, total: u64) -> Option<(ProgressBar, Prog
         return None;
     }
     let bar = ProgressBar::new(total);
-    let style = ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+    let style = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
         .map(|s| s.progress_chars("=> "))
         .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);

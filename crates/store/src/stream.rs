@@ -8,9 +8,9 @@
 use std::io::{self, Read, Write};
 use std::ops::Range;
 
-use bao_tree::io::outboard::EmptyOutboard;
-use bao_tree::io::sync::{DecodeResponseIter, Outboard, encode_ranges_validated};
-use bao_tree::io::{BaoContentItem, DecodeError, EncodeError};
+use bao_tree::io::EncodeError;
+use bao_tree::io::sync::{Outboard, encode_ranges_validated};
+use bao_tree::iter::BaoChunk;
 use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
 use positioned_io::ReadAt;
 use vouch_types::BlobId;
@@ -72,6 +72,36 @@ pub enum VerifyError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The BLAKE3 chaining value of one chunk group starting at chunk `start_chunk` (the root hash
+/// when the group is the whole blob), as bao-tree computes it.
+fn leaf_hash(start_chunk: u64, data: &[u8], is_root: bool) -> blake3::Hash {
+    use blake3::hazmat::HasherExt;
+    if is_root {
+        return blake3::hash(data);
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset(start_chunk * 1024);
+    hasher.update(data);
+    blake3::Hash::from(hasher.finalize_non_root())
+}
+
+/// The BLAKE3 chaining value of a parent node (the root hash for the root).
+fn parent_hash(left: &blake3::Hash, right: &blake3::Hash, is_root: bool) -> blake3::Hash {
+    use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
+    let (left, right) = (left.as_bytes(), right.as_bytes());
+    if is_root {
+        merge_subtrees_root(left, right, Mode::Hash)
+    } else {
+        blake3::Hash::from(merge_subtrees_non_root(left, right, Mode::Hash))
+    }
+}
+
+fn hash_from(bytes: &[u8]) -> blake3::Hash {
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(bytes);
+    blake3::Hash::from(hash)
 }
 
 /// Writes a verified stream from stored `data` and its `outboard`; every chunk group is checked
@@ -159,18 +189,18 @@ struct LeafFilter<'a, I> {
 
 impl<'r, I> Write for LeafFilter<'_, I>
 where
-    I: Iterator<Item = bao_tree::iter::BaoChunk<&'r bao_tree::ChunkRangesRef>>,
+    I: Iterator<Item = BaoChunk<&'r bao_tree::ChunkRangesRef>>,
 {
     fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
         let written = buf.len();
         while !buf.is_empty() {
             if self.remaining == 0 {
                 match self.items.next() {
-                    Some(bao_tree::iter::BaoChunk::Parent { .. }) => {
+                    Some(BaoChunk::Parent { .. }) => {
                         self.current = None;
                         self.remaining = 64;
                     }
-                    Some(bao_tree::iter::BaoChunk::Leaf {
+                    Some(BaoChunk::Leaf {
                         start_chunk,
                         size,
                         ranges,
@@ -308,34 +338,59 @@ pub fn decode(
     }
     sink.begin(size).map_err(io_error)?;
     let ranges = chunk_ranges(range, size);
-    let outboard = EmptyOutboard {
-        tree: BaoTree::new(size, block_size()),
-        root: blake3::Hash::from(*id.hash()),
+    let tree = BaoTree::new(size, block_size());
+    // The hashes still to be checked, in the order the pre-order walk reaches them.
+    let mut expected: Vec<blake3::Hash> = vec![blake3::Hash::from(*id.hash())];
+    let mut buf = vec![0u8; CHUNK_GROUP_BYTES as usize];
+    let read = |encoded: &mut dyn Read, target: &mut [u8]| {
+        encoded.read_exact(target).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => VerifyError::Truncated { id: *id },
+            _ => io_error(e),
+        })
     };
-    let iter = DecodeResponseIter::new(outboard.root(), outboard.tree(), encoded, &ranges);
-    for item in iter {
+    let mismatch = |offset: u64| VerifyError::Mismatch { id: *id, offset };
+    for item in tree.ranges_pre_order_chunks_iter_ref(&ranges, 0) {
         match item {
-            Ok(BaoContentItem::Parent(_)) => {}
-            Ok(BaoContentItem::Leaf(leaf)) => sink.write_at(leaf.offset, &leaf.data).map_err(io_error)?,
-            Err(DecodeError::LeafHashMismatch(chunk)) => {
-                return Err(VerifyError::Mismatch {
-                    id: *id,
-                    offset: chunk.to_bytes(),
-                });
+            BaoChunk::Parent {
+                is_root,
+                left,
+                right,
+                node,
+                ..
+            } => {
+                let mut pair = [0u8; 64];
+                read(&mut encoded, &mut pair)?;
+                let (l, r) = pair.split_at(32);
+                let (l, r) = (hash_from(l), hash_from(r));
+                let offset = node.chunk_range().start.to_bytes();
+                if expected.pop() != Some(parent_hash(&l, &r, is_root)) {
+                    return Err(mismatch(offset));
+                }
+                if right {
+                    expected.push(r);
+                }
+                if left {
+                    expected.push(l);
+                }
             }
-            Err(DecodeError::ParentHashMismatch(node)) => {
-                return Err(VerifyError::Mismatch {
-                    id: *id,
-                    offset: node.chunk_range().start.to_bytes(),
-                });
+            BaoChunk::Leaf {
+                start_chunk,
+                size: len,
+                is_root,
+                ranges,
+            } => {
+                let offset = start_chunk.to_bytes();
+                // Streams carry whole chunk groups (see `chunk_ranges`); anything else is not ours.
+                if !ranges.is_all() {
+                    return Err(mismatch(offset));
+                }
+                let data = &mut buf[..len];
+                read(&mut encoded, data)?;
+                if expected.pop() != Some(leaf_hash(start_chunk.0, data, is_root)) {
+                    return Err(mismatch(offset));
+                }
+                sink.write_at(offset, data).map_err(io_error)?;
             }
-            Err(DecodeError::LeafNotFound(_) | DecodeError::ParentNotFound(_)) => {
-                return Err(VerifyError::Truncated { id: *id });
-            }
-            Err(DecodeError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(VerifyError::Truncated { id: *id });
-            }
-            Err(DecodeError::Io(e)) => return Err(io_error(e)),
         }
     }
     sink.finish().map_err(io_error)?;

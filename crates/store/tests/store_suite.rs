@@ -313,6 +313,25 @@ proptest! {
 }
 
 #[test]
+fn a_flipped_byte_anywhere_in_a_verified_stream_is_refused() {
+    // Size prefix, parent hash pairs and chunk groups alike.
+    let store = memory();
+    let data = bytes(70_000, 21);
+    let id = store.put_bytes(&data).expect("put").id;
+    let mut encoded = Vec::new();
+    store.write_verified(&id, None, &mut encoded).expect("encode");
+    for i in (0..encoded.len())
+        .step_by(61)
+        .chain([0, 7, 8, 71, 72, encoded.len() - 1])
+    {
+        let mut tampered = encoded.clone();
+        tampered[i] ^= 0x10;
+        let result = stream::decode(&id, tampered.as_slice(), None, LIMIT, &mut Vec::new());
+        assert!(result.is_err(), "flipping byte {i} of {} went unnoticed", encoded.len());
+    }
+}
+
+#[test]
 fn reopening_clears_staged_uploads_and_orphans() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = DiskStore::open(dir.path(), LIMIT).expect("open");
