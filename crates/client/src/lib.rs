@@ -200,7 +200,12 @@ impl Client {
         let partial = partial_path(path);
         let file = std::fs::File::create(&partial).map_err(file_error(&partial))?;
         let result = self
-            .get_verified(id, Box::new(stream::FileSink::new(file)), u64::MAX, progress)
+            .get_verified(
+                id,
+                Box::new(stream::FileSink::new(file).map_err(file_error(&partial))?),
+                u64::MAX,
+                progress,
+            )
             .await;
         match result {
             Ok((size, _)) => {

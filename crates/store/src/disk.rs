@@ -5,12 +5,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 use bao_tree::BaoTree;
 use bao_tree::io::outboard::PostOrderOutboard;
 use vouch_types::BlobId;
 
+use crate::write_behind::WriteBehind;
 use crate::{BlobStore, PutOutcome, StoreError, block_size, stream};
 
 /// A blob store in a directory. Crash-safe: an upload becomes visible by one atomic rename
@@ -189,76 +189,6 @@ impl positioned_io::ReadAt for ReadAhead {
     }
 }
 
-/// Bytes handed to the writer thread at a time.
-const WRITE_BLOCK_BYTES: usize = 1 << 20;
-/// Blocks queued for the writer thread: bounds the memory an upload holds.
-const WRITE_QUEUE_BLOCKS: usize = 4;
-
-/// Runs `produce` with a sink whose bytes a second thread writes to `file`, so that receiving
-/// and hashing overlap with the copy into the page cache; then syncs the file to disk.
-fn write_behind<T>(file: File, produce: impl FnOnce(&mut dyn Write) -> Result<T, StoreError>) -> Result<T, StoreError> {
-    /// Fills blocks and queues them; empty blocks come back for reuse.
-    struct Queue {
-        full: mpsc::SyncSender<Vec<u8>>,
-        empty: mpsc::Receiver<Vec<u8>>,
-        block: Vec<u8>,
-    }
-    impl Queue {
-        fn send(&mut self) -> io::Result<()> {
-            let next = self
-                .empty
-                .try_recv()
-                .unwrap_or_else(|_| Vec::with_capacity(WRITE_BLOCK_BYTES));
-            let block = std::mem::replace(&mut self.block, next);
-            self.full
-                .send(block)
-                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the writer stopped"))
-        }
-    }
-    impl Write for Queue {
-        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            let n = data.len().min(WRITE_BLOCK_BYTES - self.block.len());
-            self.block.extend_from_slice(&data[..n]);
-            if self.block.len() == WRITE_BLOCK_BYTES {
-                self.send()?;
-            }
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            if self.block.is_empty() { Ok(()) } else { self.send() }
-        }
-    }
-    let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(WRITE_QUEUE_BLOCKS);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> io::Result<()> {
-            let mut file = file;
-            for mut block in full_rx {
-                file.write_all(&block)?;
-                block.clear();
-                let _ = empty_tx.send(block);
-            }
-            file.sync_all()
-        });
-        let mut queue = Queue {
-            full: full_tx,
-            empty: empty_rx,
-            block: Vec::with_capacity(WRITE_BLOCK_BYTES),
-        };
-        let produced = produce(&mut queue).and_then(|value| queue.flush().map(|()| value).map_err(StoreError::Io));
-        drop(queue);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
-        match (produced, written) {
-            (Ok(value), Ok(())) => Ok(value),
-            // A disk error stops the writer, which the producer sees as a broken queue: report the cause.
-            (Ok(_) | Err(StoreError::Io(_)), Err(disk)) => Err(StoreError::Io(disk)),
-            (Err(error), _) => Err(error),
-        }
-    })
-}
-
 fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
@@ -279,7 +209,18 @@ impl BlobStore for DiskStore {
         let create = |path: &Path| OpenOptions::new().write(true).create_new(true).open(path);
         let data_file = create(&data_path)?;
         let mut outboard_file = BufWriter::with_capacity(1 << 16, create(&outboard_path)?);
-        let id = write_behind(data_file, |sink| copy_and_hash(data, size, sink, &mut outboard_file))?;
+        let mut writer = WriteBehind::new(data_file);
+        let copied = copy_and_hash(data, size, &mut writer, &mut outboard_file);
+        let written = writer.finish();
+        let id = match (copied, written) {
+            (Ok(id), Ok(file)) => {
+                file.sync_all()?;
+                id
+            }
+            // A disk error stops the writer, which the copy sees as a broken pipe: report the cause.
+            (Ok(_) | Err(StoreError::Io(_)), Err(disk)) => return Err(StoreError::Io(disk)),
+            (Err(error), _) => return Err(error),
+        };
         outboard_file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         let final_data = self.blob_path(&id);
         if final_data.exists() {

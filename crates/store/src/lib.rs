@@ -10,6 +10,9 @@ pub mod bridge;
 mod disk;
 mod memory;
 pub mod stream;
+mod write_behind;
+
+pub use write_behind::WriteBehind;
 
 use std::io::{Read, Write};
 use std::ops::Range;

@@ -267,49 +267,39 @@ impl VerifiedSink for Vec<u8> {
     }
 }
 
-/// Writes verified chunk groups to a file, gathering contiguous groups into large writes.
+/// Writes verified chunk groups to a file from a second thread ([`crate::WriteBehind`]), so that
+/// verifying the next group overlaps with writing the last.
 #[derive(Debug)]
 pub struct FileSink {
-    file: std::fs::File,
-    pending: Vec<u8>,
-    pending_offset: u64,
+    sizer: std::fs::File,
+    writer: Option<crate::WriteBehind>,
 }
 
 impl FileSink {
-    /// Bytes gathered before a write.
-    const WRITE_BYTES: usize = 1 << 20;
-
     /// A sink writing into `file`.
-    pub fn new(file: std::fs::File) -> Self {
-        Self {
-            file,
-            pending: Vec::with_capacity(Self::WRITE_BYTES),
-            pending_offset: 0,
-        }
-    }
-
-    fn write_pending(&mut self) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&self.file, &self.pending, self.pending_offset)?;
-        self.pending.clear();
-        Ok(())
+    pub fn new(file: std::fs::File) -> io::Result<Self> {
+        Ok(Self {
+            sizer: file.try_clone()?,
+            writer: Some(crate::WriteBehind::new(file)),
+        })
     }
 }
 
 impl VerifiedSink for FileSink {
     fn begin(&mut self, size: u64) -> io::Result<()> {
-        self.file.set_len(size)
+        self.sizer.set_len(size)
     }
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let contiguous = offset == self.pending_offset + self.pending.len() as u64;
-        if !contiguous || self.pending.len() + data.len() > Self::WRITE_BYTES {
-            self.write_pending()?;
-            self.pending_offset = offset;
+        match &mut self.writer {
+            Some(writer) => writer.write_at(offset, data),
+            None => Err(io::Error::other("the sink is finished")),
         }
-        self.pending.extend_from_slice(data);
-        Ok(())
     }
     fn finish(&mut self) -> io::Result<()> {
-        self.write_pending()
+        match self.writer.take() {
+            Some(writer) => writer.finish().map(drop),
+            None => Ok(()),
+        }
     }
 }
 
