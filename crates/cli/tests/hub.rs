@@ -207,6 +207,13 @@ async fn corruption_found_mid_stream_is_reported_as_corruption() {
     let body: serde_json::Value = raw.json().await.expect("json error");
     assert_eq!(body["error"]["code"], "blob_corrupt");
     assert!(client.health().await.is_ok());
+    let metrics = reqwest::get(format!("{}/metrics", node.url))
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("vouch_corrupt_blobs_total 1"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -262,7 +269,6 @@ async fn a_node_killed_mid_upload_shows_no_partial_blob_and_keeps_what_was_publi
         .run(&["model", "pull", &published, "-o", out.to_str().expect("path")])
         .ok();
     assert_eq!(read(&out), read(&fixture("digits_mlp_v1.onnx")));
-    use futures::StreamExt as _;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -547,5 +553,96 @@ fn the_node_reports_its_address_as_json_too() {
             .as_str()
             .is_some_and(|u| u.starts_with("http://127.0.0.1:")),
         "{line}"
+    );
+}
+
+/// A request body that sends `first` and then stalls for `stall`.
+fn stalling_body(first: &'static [u8], stall: Duration) -> reqwest::Body {
+    let frames = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(first))]).chain(
+        futures::stream::once(async move {
+            tokio::time::sleep(stall).await;
+            Ok(bytes::Bytes::from_static(b"late"))
+        }),
+    );
+    reqwest::Body::wrap_stream(frames)
+}
+
+use futures::StreamExt as _;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_requests_hit_their_limits_with_json_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(
+        &dir.path().join("node"),
+        &[
+            "--request-timeout-ms",
+            "300",
+            "--body-idle-timeout-ms",
+            "300",
+            "--max-concurrent-uploads",
+            "1",
+        ],
+    );
+    let http = reqwest::Client::new();
+    // A manifest upload that stalls runs into the request deadline.
+    let response = http
+        .post(format!("{}/v1/models", node.url))
+        .body(stalling_body(b"x", Duration::from_secs(5)))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 408);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "request_timeout");
+    // A blob upload that stalls runs into the idle timeout, and nothing is stored.
+    let response = http
+        .post(format!("{}/v1/blobs", node.url))
+        .header("content-length", 5)
+        .body(stalling_body(b"x", Duration::from_secs(5)))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "upload_failed");
+    assert!(node.stored_blob_files().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_beyond_the_concurrency_limit_get_503() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(&dir.path().join("node"), &["--max-concurrent-uploads", "1"]);
+    let http = reqwest::Client::new();
+    let holding = tokio::spawn(
+        http.post(format!("{}/v1/blobs", node.url))
+            .header("content-length", 5)
+            .body(stalling_body(b"x", Duration::from_secs(3)))
+            .send(),
+    );
+    let url = format!("{}/metrics", node.url);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::process::Command::new("curl")
+                .args(["-s", &url])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("vouch_uploads_in_flight 1"))
+                .unwrap_or(false)
+        }),
+        "the first upload holds the only slot"
+    );
+    let response = http
+        .post(format!("{}/v1/blobs", node.url))
+        .body(vec![1u8; 10])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "too_many_uploads");
+    let first = holding.await.expect("join").expect("first upload completes");
+    assert_eq!(
+        first.status(),
+        201,
+        "the first upload, once its body arrives, is stored"
     );
 }
