@@ -620,16 +620,23 @@ async fn uploads_beyond_the_concurrency_limit_get_503() {
             .send(),
     );
     let url = format!("{}/metrics", node.url);
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            std::process::Command::new("curl")
-                .args(["-s", &url])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("vouch_uploads_in_flight 1"))
-                .unwrap_or(false)
-        }),
-        "the first upload holds the only slot"
-    );
+    let mut holding_slot = false;
+    for _ in 0..500 {
+        let metrics = http
+            .get(&url)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if metrics.contains("vouch_uploads_in_flight 1") {
+            holding_slot = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(holding_slot, "the first upload holds the only slot");
     let response = http
         .post(format!("{}/v1/blobs", node.url))
         .body(vec![1u8; 10])
