@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{NodeProcess, User, fixture, wait_until};
+use common::{NodeProcess, User, assert_api_error, fixture, wait_until};
 use vouch_client::{Client, ClientError};
 use vouch_crypto::SecretKey;
 use vouch_types::{BlobId, ManifestBody, ModelFile, ModelFormat};
@@ -203,9 +203,7 @@ async fn corruption_found_mid_stream_is_reported_as_corruption() {
     let raw = reqwest::get(format!("{}/v1/blobs/{}", node.url, info.id))
         .await
         .expect("request");
-    assert_eq!(raw.status(), 500);
-    let body: serde_json::Value = raw.json().await.expect("json error");
-    assert_eq!(body["error"]["code"], "blob_corrupt");
+    assert_api_error(raw, 500, "blob_corrupt").await;
     assert!(client.health().await.is_ok());
     let metrics = reqwest::get(format!("{}/metrics", node.url))
         .await
@@ -281,9 +279,7 @@ async fn an_oversize_upload_gets_413_and_nothing_is_stored() {
         .send()
         .await
         .expect("request");
-    assert_eq!(response.status(), 413);
-    let body: serde_json::Value = response.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "payload_too_large");
+    assert_api_error(response, 413, "payload_too_large").await;
     assert!(node.stored_blob_files().is_empty());
     // Through the CLI: one clear line, non-zero exit.
     let big = dir.path().join("big.bin");
@@ -301,15 +297,13 @@ async fn an_oversize_upload_gets_413_and_nothing_is_stored() {
     assert_eq!(ok.expect("request").status(), 201);
 }
 
-async fn post_manifest(url: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
-    let response = reqwest::Client::new()
+async fn post_manifest(url: &str, body: Vec<u8>) -> reqwest::Response {
+    reqwest::Client::new()
         .post(format!("{url}/v1/models"))
         .body(body)
         .send()
         .await
-        .expect("request");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("json error body"))
+        .expect("request")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -317,16 +311,18 @@ async fn malformed_and_dishonest_manifests_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = NodeProcess::start(&dir.path().join("node"), &["--max-manifest-bytes", "65536"]);
     let client = Client::new(&node.url).expect("client");
-    let (status, body) = post_manifest(&node.url, b"this is not a manifest".to_vec()).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("malformed_manifest"))
-    );
-    let (status, body) = post_manifest(&node.url, vec![0u8; 70_000]).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("payload_too_large"))
-    );
+    assert_api_error(
+        post_manifest(&node.url, b"this is not a manifest".to_vec()).await,
+        400,
+        "malformed_manifest",
+    )
+    .await;
+    assert_api_error(
+        post_manifest(&node.url, vec![0u8; 70_000]).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
 
     let model = read(&fixture("digits_mlp_v1.onnx"));
     let blob = client.put_blob_bytes(model.clone()).await.expect("upload").id;
@@ -352,32 +348,26 @@ async fn malformed_and_dishonest_manifests_are_refused() {
     let mut bytes = good.encode();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
-    let (status, response) = post_manifest(&node.url, bytes).await;
-    assert_eq!(
-        (status, response["error"]["code"].as_str()),
-        (400, Some("bad_signature"))
-    );
+    assert_api_error(post_manifest(&node.url, bytes).await, 400, "bad_signature").await;
     // A file the node does not hold, and a wrong size.
     let missing = body(BlobId::of(b"not uploaded"), 12).sign(&key).expect("sign");
-    let (status, response) = post_manifest(&node.url, missing.encode()).await;
-    assert_eq!(
-        (status, response["error"]["code"].as_str()),
-        (422, Some("missing_blob"))
-    );
+    assert_api_error(post_manifest(&node.url, missing.encode()).await, 422, "missing_blob").await;
     let wrong_size = body(blob, 1).sign(&key).expect("sign");
-    let (status, response) = post_manifest(&node.url, wrong_size.encode()).await;
-    assert_eq!(
-        (status, response["error"]["code"].as_str()),
-        (422, Some("size_mismatch"))
-    );
+    assert_api_error(
+        post_manifest(&node.url, wrong_size.encode()).await,
+        422,
+        "size_mismatch",
+    )
+    .await;
     // A schema that is not the model's.
     let mut lying = body(blob, model.len() as u64);
     lying.inputs[0].name = "something_else".into();
-    let (status, response) = post_manifest(&node.url, lying.sign(&key).expect("sign").encode()).await;
-    assert_eq!(
-        (status, response["error"]["code"].as_str()),
-        (422, Some("schema_mismatch"))
-    );
+    assert_api_error(
+        post_manifest(&node.url, lying.sign(&key).expect("sign").encode()).await,
+        422,
+        "schema_mismatch",
+    )
+    .await;
     // Nothing was registered; the honest manifest still goes through.
     assert!(client.list_models(None, None).await.expect("list").is_empty());
     assert!(client.publish(&good).await.expect("publish").created);
@@ -417,11 +407,7 @@ async fn every_error_is_json_with_a_code_and_the_right_status() {
         ),
     ];
     for (response, status, code) in cases {
-        let response = response.expect("request");
-        assert_eq!(response.status().as_u16(), status);
-        let body: serde_json::Value = response.json().await.expect("json");
-        assert_eq!(body["error"]["code"], code);
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_api_error(response.expect("request"), status, code).await;
     }
 }
 
@@ -591,9 +577,7 @@ async fn slow_requests_hit_their_limits_with_json_errors() {
         .send()
         .await
         .expect("request");
-    assert_eq!(response.status(), 408);
-    let body: serde_json::Value = response.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "request_timeout");
+    assert_api_error(response, 408, "request_timeout").await;
     // A blob upload that stalls runs into the idle timeout, and nothing is stored.
     let response = http
         .post(format!("{}/v1/blobs", node.url))
@@ -602,9 +586,7 @@ async fn slow_requests_hit_their_limits_with_json_errors() {
         .send()
         .await
         .expect("request");
-    assert_eq!(response.status(), 400);
-    let body: serde_json::Value = response.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "upload_failed");
+    assert_api_error(response, 400, "upload_failed").await;
     assert!(node.stored_blob_files().is_empty());
 }
 
@@ -643,9 +625,7 @@ async fn uploads_beyond_the_concurrency_limit_get_503() {
         .send()
         .await
         .expect("request");
-    assert_eq!(response.status(), 503);
-    let body: serde_json::Value = response.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "too_many_uploads");
+    assert_api_error(response, 503, "too_many_uploads").await;
     let first = holding.await.expect("join").expect("first upload completes");
     assert_eq!(
         first.status(),

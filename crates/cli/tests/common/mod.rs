@@ -178,6 +178,17 @@ impl User {
     }
 }
 
+/// Asserts that `response` is an API error: `status`, and a JSON body with `code` and a message.
+pub async fn assert_api_error(response: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(response.status().as_u16(), status, "expected {status} {code}");
+    let body: serde_json::Value = response.json().await.expect("a JSON error body");
+    assert_eq!(body["error"]["code"], code);
+    assert!(
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
