@@ -71,7 +71,7 @@ struct NodeArgs {
     /// Deadline for requests other than blob transfers, in milliseconds.
     #[arg(long, default_value_t = NodeLimits::default().request_timeout_ms)]
     request_timeout_ms: u64,
-    /// Longest pause allowed inside an upload, in milliseconds.
+    /// Longest pause allowed inside a request body, in milliseconds.
     #[arg(long, default_value_t = NodeLimits::default().body_idle_timeout_ms)]
     body_idle_timeout_ms: u64,
 }

@@ -564,7 +564,7 @@ async fn slow_requests_hit_their_limits_with_json_errors() {
             "--request-timeout-ms",
             "300",
             "--body-idle-timeout-ms",
-            "300",
+            "1500",
             "--max-concurrent-uploads",
             "1",
         ],
@@ -588,6 +588,22 @@ async fn slow_requests_hit_their_limits_with_json_errors() {
         .expect("request");
     assert_api_error(response, 400, "upload_failed").await;
     assert!(node.stored_blob_files().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_body_that_breaks_off_is_a_400_not_a_413() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(
+        &dir.path().join("node"),
+        &["--request-timeout-ms", "10000", "--body-idle-timeout-ms", "300"],
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/models", node.url))
+        .body(stalling_body(b"x", Duration::from_secs(5)))
+        .send()
+        .await
+        .expect("request");
+    assert_api_error(response, 400, "upload_failed").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

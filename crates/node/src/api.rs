@@ -11,6 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -39,12 +40,12 @@ pub(crate) struct AppState {
 pub(crate) fn router(state: AppState) -> Router {
     let request_timeout = Duration::from_millis(state.limits.request_timeout_ms);
     let body_idle_timeout = Duration::from_millis(state.limits.body_idle_timeout_ms);
-    // Blob transfers may take long; they are bounded by an idle timeout on the body instead.
+    // Blob transfers may take long, so they have no deadline; like every request, they are
+    // bounded by the idle timeout on the request body below.
     let transfers = Router::new()
         .route("/v1/blobs", post(put_blob))
         .route("/v1/blobs/{id}", get(get_blob))
-        .route("/v1/blobs/{id}/verified", get(get_verified))
-        .layer(RequestBodyTimeoutLayer::new(body_idle_timeout));
+        .route("/v1/blobs/{id}/verified", get(get_verified));
     let queries = Router::new()
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
@@ -54,6 +55,7 @@ pub(crate) fn router(state: AppState) -> Router {
     transfers
         .merge(queries)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(RequestBodyTimeoutLayer::new(body_idle_timeout))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
@@ -340,16 +342,32 @@ fn view(published: Published) -> ModelView {
     }
 }
 
-/// `POST /v1/models`: the body is a signed manifest in its canonical encoding.
-async fn publish_model(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
-    let limit = state.limits.manifest.max_encoded_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+/// Reads a whole request body of at most `limit` bytes: 413 beyond it, 400 if the body breaks off.
+async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("a manifest is at most {limit} bytes"),
         )
-    })?;
+    };
+    let mut frames = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(frame) = frames.next().await {
+        let frame =
+            frame.map_err(|e| ApiError::bad_request("upload_failed", format!("the request body broke off: {e}")))?;
+        if bytes.len() + frame.len() > limit {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&frame);
+    }
+    Ok(bytes)
+}
+
+/// `POST /v1/models`: the body is a signed manifest in its canonical encoding.
+async fn publish_model(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let limit = state.limits.manifest.max_encoded_bytes;
+    let bytes = read_limited(body, limit).await?;
     let manifest = Manifest::decode(&bytes, &state.limits.manifest)?;
     let task_state = state.clone();
     let (outcome, id) = tokio::task::spawn_blocking(move || publish(&task_state, &manifest, &bytes)).await??;

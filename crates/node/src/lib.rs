@@ -35,7 +35,7 @@ pub struct NodeLimits {
     pub max_concurrent_downloads: usize,
     /// Deadline for requests other than blob transfers, in milliseconds.
     pub request_timeout_ms: u64,
-    /// Longest pause allowed inside an upload body, in milliseconds.
+    /// Longest pause allowed inside a request body, in milliseconds.
     pub body_idle_timeout_ms: u64,
     /// Most models one listing returns.
     pub max_list_items: usize,
