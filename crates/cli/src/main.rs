@@ -13,7 +13,7 @@ use serde_json::json;
 use vouch_client::{Client, Progress};
 use vouch_crypto::SecretKey;
 use vouch_node::{NodeConfig, NodeLimits};
-use vouch_types::api::ModelView;
+use vouch_types::api::{BlobInfo, ModelView};
 use vouch_types::{BlobId, Manifest, ManifestBody, ModelFile, ModelFormat, ModelName, ModelRef, Version};
 
 #[derive(Debug, Parser)]
@@ -269,11 +269,15 @@ fn run_key(cli: &Cli, command: &KeyCommand) -> Result<()> {
     }
 }
 
-/// Builds and signs the manifest for an ONNX file, its schema read from the file itself.
-fn onnx_manifest(args: &PushArgs, bytes: &[u8], key: &SecretKey) -> Result<Manifest> {
-    let file = &args.file;
-    let schema = vouch_engine::read_onnx_schema(bytes).with_context(|| format!("{}", file.display()))?;
-    let file_name = file
+/// Builds and signs the manifest for an uploaded ONNX file whose schema was read from the file.
+fn onnx_manifest(
+    args: &PushArgs,
+    schema: vouch_engine::ModelSchema,
+    uploaded: &BlobInfo,
+    key: &SecretKey,
+) -> Result<Manifest> {
+    let file_name = args
+        .file
         .file_name()
         .and_then(|n| n.to_str())
         .filter(|n| n.ends_with(".onnx"))
@@ -285,8 +289,8 @@ fn onnx_manifest(args: &PushArgs, bytes: &[u8], key: &SecretKey) -> Result<Manif
         format: ModelFormat::Onnx,
         files: vec![ModelFile {
             path: file_name,
-            blob: BlobId::of(bytes),
-            size: bytes.len() as u64,
+            blob: uploaded.id,
+            size: uploaded.size,
         }],
         inputs: schema.inputs,
         outputs: schema.outputs,
@@ -306,18 +310,20 @@ async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
             let (file, name, version) = (&args.file, &args.name, &args.version);
             // Read the schema before uploading anything, so a bad file fails fast.
             let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let manifest = onnx_manifest(args, &bytes, &key)?;
-            let blob = manifest.body.files[0].blob;
+            let schema = vouch_engine::read_onnx_schema(&bytes).with_context(|| format!("{}", file.display()))?;
+            let size = bytes.len() as u64;
             drop(bytes);
-            let size = manifest.body.files[0].size;
             let bar = progress_bar(cli, "uploading", size);
+            // The upload hashes the file as it streams and checks that the node stored exactly
+            // those bytes, so its answer is the file's verified id.
             let uploaded = client.put_blob_file(file, bar.as_ref().map(|(_, p)| p.clone())).await?;
             if let Some((bar, _)) = bar {
                 bar.finish_and_clear();
             }
-            if uploaded.id != blob {
+            if uploaded.size != size {
                 bail!("{} changed while it was being uploaded", file.display());
             }
+            let manifest = onnx_manifest(args, schema, &uploaded, &key)?;
             let published = client.publish(&manifest).await?;
             if cli.json {
                 return print_json(&json!({
