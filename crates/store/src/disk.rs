@@ -11,7 +11,7 @@ use bao_tree::io::outboard::PostOrderOutboard;
 use vouch_types::BlobId;
 
 use crate::write_behind::WriteBehind;
-use crate::{BlobStore, PutOutcome, StoreError, block_size, stream};
+use crate::{BlobStore, PutOutcome, StoreError, block_size, copy_and_hash, stream};
 
 /// A blob store in a directory. Crash-safe: an upload becomes visible by one atomic rename
 /// after its bytes and outboard are synced, so a killed upload leaves nothing visible, and the
@@ -282,51 +282,5 @@ impl BlobStore for DiskStore {
             .collect();
         ids.sort();
         Ok(ids)
-    }
-}
-
-/// Copies exactly `size` bytes from `data` to `sink` while computing the blob id and writing
-/// the post-order outboard to `outboard`, in one pass over the bytes.
-pub(crate) fn copy_and_hash(
-    data: &mut dyn Read,
-    size: u64,
-    sink: &mut dyn Write,
-    outboard: &mut dyn Write,
-) -> Result<BlobId, StoreError> {
-    struct Tee<'a, 'b> {
-        source: io::Take<&'a mut dyn Read>,
-        sink: &'b mut dyn Write,
-        received: u64,
-        sink_error: Option<io::Error>,
-    }
-    impl Read for Tee<'_, '_> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let n = self.source.read(buf)?;
-            if let Err(e) = self.sink.write_all(&buf[..n]) {
-                let message = e.to_string();
-                self.sink_error = Some(e);
-                return Err(io::Error::other(message));
-            }
-            self.received += n as u64;
-            Ok(n)
-        }
-    }
-    let mut tee = Tee {
-        source: data.take(size),
-        sink,
-        received: 0,
-        sink_error: None,
-    };
-    let tree = BaoTree::new(size, block_size());
-    match bao_tree::io::sync::outboard_post_order(&mut tee, tree, outboard) {
-        Ok(root) => Ok(BlobId::from_hash(*root.as_bytes())),
-        Err(_) if tee.sink_error.is_some() => Err(StoreError::Io(
-            tee.sink_error.take().unwrap_or_else(|| io::Error::other("sink failed")),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(StoreError::Truncated {
-            received: tee.received,
-            expected: size,
-        }),
-        Err(e) => Err(StoreError::Io(e)),
     }
 }

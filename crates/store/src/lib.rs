@@ -14,7 +14,7 @@ mod write_behind;
 
 pub use write_behind::WriteBehind;
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::ops::Range;
 
 pub use disk::DiskStore;
@@ -73,10 +73,10 @@ pub enum StoreError {
     },
     /// The reader of a stream went away or failed; nothing is wrong with the blob.
     #[error("output failed: {0}")]
-    Output(#[source] std::io::Error),
+    Output(#[source] io::Error),
     /// The storage itself failed.
     #[error("storage I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(#[from] io::Error),
 }
 
 /// The result of storing a blob.
@@ -127,5 +127,51 @@ pub trait BlobStore: Send + Sync {
         let mut out = Vec::with_capacity(size as usize);
         self.read_range(id, 0..size, &mut out)?;
         Ok(out)
+    }
+}
+
+/// Copies exactly `size` bytes from `data` to `sink` while computing the blob id and writing
+/// the post-order outboard to `outboard`, in one pass over the bytes.
+pub(crate) fn copy_and_hash(
+    data: &mut dyn Read,
+    size: u64,
+    sink: &mut dyn Write,
+    outboard: &mut dyn Write,
+) -> Result<BlobId, StoreError> {
+    struct Tee<'a, 'b> {
+        source: io::Take<&'a mut dyn Read>,
+        sink: &'b mut dyn Write,
+        received: u64,
+        sink_error: Option<io::Error>,
+    }
+    impl Read for Tee<'_, '_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.source.read(buf)?;
+            if let Err(e) = self.sink.write_all(&buf[..n]) {
+                let message = e.to_string();
+                self.sink_error = Some(e);
+                return Err(io::Error::other(message));
+            }
+            self.received += n as u64;
+            Ok(n)
+        }
+    }
+    let mut tee = Tee {
+        source: data.take(size),
+        sink,
+        received: 0,
+        sink_error: None,
+    };
+    let tree = bao_tree::BaoTree::new(size, block_size());
+    match bao_tree::io::sync::outboard_post_order(&mut tee, tree, outboard) {
+        Ok(root) => Ok(BlobId::from_hash(*root.as_bytes())),
+        Err(_) if tee.sink_error.is_some() => Err(StoreError::Io(
+            tee.sink_error.take().unwrap_or_else(|| io::Error::other("sink failed")),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(StoreError::Truncated {
+            received: tee.received,
+            expected: size,
+        }),
+        Err(e) => Err(StoreError::Io(e)),
     }
 }

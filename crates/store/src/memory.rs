@@ -9,8 +9,7 @@ use bao_tree::BaoTree;
 use bao_tree::io::outboard::PostOrderOutboard;
 use vouch_types::BlobId;
 
-use crate::disk::copy_and_hash;
-use crate::{BlobStore, PutOutcome, StoreError, block_size, stream};
+use crate::{BlobStore, PutOutcome, StoreError, block_size, copy_and_hash, stream};
 
 /// A blob's bytes and its post-order outboard.
 #[derive(Debug)]
