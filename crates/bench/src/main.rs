@@ -1,7 +1,8 @@
 //! Measure Vouch against peers on the same machine in the same run, and print ratios.
 //!
 //! `hub`: push and pull a large file through a `vouch node` process on loopback, beside BLAKE3
-//! hashing of the same file (one thread, and all threads) and `cp` of it on the same disk.
+//! hashing of the same file (one thread, and all threads), `cp` of it on the same disk, and the
+//! node's answers fetched by `curl` (which must be installed).
 //! Run it with `scripts/bench-hub`, which builds the release binaries first.
 
 use std::fs::File;
@@ -144,6 +145,51 @@ fn write_blocks_and_sync(source: &Path, target: &Path) -> Result<()> {
     Ok(())
 }
 
+const HASH_ONE_THREAD: &str = "BLAKE3 hash, 1 thread";
+const DURABLE_WRITE: &str = "write() in 1 MiB blocks + fsync (dd conv=fsync)";
+
+/// Timings by operation, in the order operations were first recorded.
+#[derive(Default)]
+struct Results {
+    rows: Vec<(&'static str, Vec<Duration>)>,
+}
+
+impl Results {
+    fn record(&mut self, name: &'static str, time: Duration) {
+        match self.rows.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, times)) => times.push(time),
+            None => self.rows.push((name, vec![time])),
+        }
+    }
+
+    fn median(&self, name: &str) -> Duration {
+        self.rows
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(Duration::ZERO, |(_, times)| median(times.clone()))
+    }
+}
+
+/// Copies with the system's `cp` to a new file, optionally waiting for the disk.
+fn cp(source: &Path, target: &Path, sync: bool) -> Result<()> {
+    let status = Command::new("cp").arg(source).arg(target).status()?;
+    anyhow::ensure!(status.success(), "cp failed");
+    if sync {
+        File::open(target)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Fetches `url` with curl into /dev/null.
+fn curl(url: &str) -> Result<()> {
+    let status = Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", url])
+        .status()
+        .context("running curl")?;
+    anyhow::ensure!(status.success(), "curl {url} failed");
+    Ok(())
+}
+
 fn hub(size_mib: u64, runs: usize, dir: Option<PathBuf>) -> Result<()> {
     let size = size_mib << 20;
     let temp;
@@ -161,42 +207,23 @@ fn hub(size_mib: u64, runs: usize, dir: Option<PathBuf>) -> Result<()> {
     eprintln!("writing {size_mib} MiB test file in {}", dir.display());
     write_random_file(&source, size)?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let mut results: Vec<(&str, Vec<Duration>)> = vec![
-        ("BLAKE3 hash, 1 thread", vec![]),
-        ("BLAKE3 hash, all threads (mmap)", vec![]),
-        ("cp", vec![]),
-        ("cp + fsync", vec![]),
-        ("write() in 1 MiB blocks + fsync (dd conv=fsync)", vec![]),
-        ("vouch push (upload, hash, outboard, fsync)", vec![]),
-        ("vouch pull (verified stream to file)", vec![]),
-    ];
+    let mut results = Results::default();
     let expected = blake3::Hasher::new().update_mmap_rayon(&source)?.finalize();
+    let copy = dir.join("copy.bin");
     for run in 0..runs {
         eprintln!("run {}/{runs}", run + 1);
         let (t, hash) = time(|| hash_one_thread(&source))?;
         anyhow::ensure!(hash == expected, "hash mismatch");
-        results[0].1.push(t);
+        results.record(HASH_ONE_THREAD, t);
         let (t, hash) = time(|| Ok(blake3::Hasher::new().update_mmap_rayon(&source)?.finalize()))?;
         anyhow::ensure!(hash == expected, "hash mismatch");
-        results[1].1.push(t);
-        let copy = dir.join("copy.bin");
-        let (t, ()) = time(|| {
-            let status = Command::new("cp").arg(&source).arg(&copy).status()?;
-            anyhow::ensure!(status.success(), "cp failed");
-            Ok(())
-        })?;
-        results[2].1.push(t);
+        results.record("BLAKE3 hash, all threads (mmap)", t);
+        // Every copy goes to a new file, removed outside the timing.
+        results.record("cp", time(|| cp(&source, &copy, false))?.0);
         std::fs::remove_file(&copy)?;
-        let (t, ()) = time(|| {
-            let status = Command::new("cp").arg(&source).arg(&copy).status()?;
-            anyhow::ensure!(status.success(), "cp failed");
-            File::open(&copy)?.sync_all()?;
-            Ok(())
-        })?;
-        results[3].1.push(t);
+        results.record("cp + fsync", time(|| cp(&source, &copy, true))?.0);
         std::fs::remove_file(&copy)?;
-        let (t, ()) = time(|| write_blocks_and_sync(&source, &copy))?;
-        results[4].1.push(t);
+        results.record(DURABLE_WRITE, time(|| write_blocks_and_sync(&source, &copy))?.0);
         std::fs::remove_file(&copy)?;
 
         let data_dir = dir.join(format!("node-{run}"));
@@ -207,23 +234,40 @@ fn hub(size_mib: u64, runs: usize, dir: Option<PathBuf>) -> Result<()> {
             info.id.hash() == expected.as_bytes() && info.created,
             "push stored the wrong blob"
         );
-        results[5].1.push(t);
+        results.record("vouch push (upload, hash, outboard, fsync)", t);
+        // The first pull from a new node pays for touching fresh memory in both processes; the
+        // repeat shows the steady state.
         let pulled = dir.join("pulled.bin");
-        let (t, pulled_size) = time(|| Ok(runtime.block_on(client.get_blob_to_file(&info.id, &pulled, None))?))?;
-        anyhow::ensure!(pulled_size == size, "pulled {pulled_size} bytes");
-        results[6].1.push(t);
-        std::fs::remove_file(&pulled)?;
+        for name in [
+            "vouch pull (verified stream to file)",
+            "vouch pull, repeated in the same processes",
+        ] {
+            let (t, pulled_size) = time(|| Ok(runtime.block_on(client.get_blob_to_file(&info.id, &pulled, None))?))?;
+            anyhow::ensure!(pulled_size == size, "pulled {pulled_size} bytes");
+            results.record(name, t);
+            std::fs::remove_file(&pulled)?;
+        }
+        // The node alone, read by curl into /dev/null: what the node can serve without our client.
+        let blob_url = format!("{}/v1/blobs/{}", node.url, info.id);
+        results.record(
+            "node → curl, verified stream (no checking client)",
+            time(|| curl(&format!("{blob_url}/verified")))?.0,
+        );
+        results.record(
+            "node → curl, raw bytes (no checking client)",
+            time(|| curl(&blob_url))?.0,
+        );
         drop(node);
         std::fs::remove_dir_all(&data_dir)?;
     }
-    let hash_1t = median(results[0].1.clone());
+    let hash_1t = results.median(HASH_ONE_THREAD);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("hub benchmark: {size_mib} MiB file, median of {runs} runs, {cpus} CPUs, warm page cache");
     println!();
-    let durable_write = median(results[4].1.clone());
+    let durable_write = results.median(DURABLE_WRITE);
     println!("| operation | median time | MB/s | × BLAKE3 1 thread | × write + fsync |");
     println!("|---|---|---|---|---|");
-    for (name, times) in &results {
+    for (name, times) in &results.rows {
         let t = median(times.clone());
         let mb_per_s = size as f64 / 1e6 / t.as_secs_f64();
         let ratio = hash_1t.as_secs_f64() / t.as_secs_f64();
