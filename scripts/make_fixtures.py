@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Train the small committed model fixtures and write them as ONNX.
 
+Also writes the digits data the engine's tests use: `fixtures/data/digits_calibration.npz`
+(256 training samples, the publisher's calibration set) and `fixtures/data/digits_test.npz`
+(the 450 held-out samples and their labels).
+
 Two multilayer perceptrons trained on scikit-learn's bundled 8x8 digits data set
 (BSD-3), exported as plain ONNX graphs (MatMul/Add/Relu/Softmax, opset 13, a
 dynamic batch dimension). They are real trained classifiers, small enough to
@@ -18,7 +22,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
-OUT = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "models"
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
+OUT = ROOT / "models"
+DATA = ROOT / "data"
 
 
 def export(clf: MLPClassifier, name: str) -> onnx.ModelProto:
@@ -62,6 +68,9 @@ def main() -> None:
         model = export(clf, file_name.removesuffix(".onnx"))
         onnx.save(model, OUT / file_name)
         print(f"{file_name}: hidden={hidden} seed={seed} held-out accuracy={accuracy:.4f}")
+    DATA.mkdir(parents=True, exist_ok=True)
+    np.savez(DATA / "digits_calibration.npz", input=x_train[:256])
+    np.savez(DATA / "digits_test.npz", input=x_test, label=y_test.astype(np.int64))
 
 
 if __name__ == "__main__":

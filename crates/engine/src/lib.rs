@@ -1,7 +1,25 @@
-//! Read ONNX models: today their input and output schema, through tract-onnx's parser.
+//! Import ONNX models, run them in float, quantize them to exact integer plans, and execute and trace those plans.
 //!
-//! The engine grows into Vouch's importer and exact executor; the model hub needs only what a
-//! manifest records, the names, element types and shapes of a model's inputs and outputs.
+//! The flow: [`load_onnx`] parses a model through tract (shape inference, decluttering);
+//! [`LoadedModel::to_ir`] turns it into Vouch's IR ([`ir::Graph`]); [`build_plan`] calibrates and
+//! quantizes the IR into an exact [`Plan`]; [`execute`] runs a plan with integers only, and
+//! [`TraceTree`] commits to every value it computed. [`FloatModel`] is the float path.
+
+pub mod exec;
+pub mod fixed;
+mod float;
+mod import;
+pub mod ir;
+pub mod plan;
+mod quantize;
+pub mod trace;
+
+pub use exec::{ExecError, ExecOptions, Execution, ITensor, execute, execute_instr};
+pub use float::{FloatModel, float_elements};
+pub use import::{LoadedModel, load_onnx};
+pub use plan::{Plan, PlanLimits};
+pub use quantize::build_plan;
+pub use trace::{TraceProof, TraceTree};
 
 use tract_onnx::pb;
 use tract_onnx::prelude::Framework;
@@ -13,6 +31,28 @@ pub enum EngineError {
     /// The bytes are not an ONNX model.
     #[error("not a valid ONNX model: {0}")]
     NotOnnx(String),
+    /// tract could not type or simplify the model (an unresolvable shape, say).
+    #[error("cannot import the model: {0}")]
+    Import(String),
+    /// An operation the exact engine does not support.
+    #[error("node '{node}' ({op}): {reason}")]
+    Unsupported {
+        /// The operation.
+        op: String,
+        /// The node's name in the model.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+    /// Calibration inputs do not fit the model, or the float model failed on them.
+    #[error("calibration: {0}")]
+    Calibration(String),
+    /// The float path failed.
+    #[error("{0}")]
+    Run(String),
+    /// The exact path failed.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
     /// The model parses but its schema cannot be described.
     #[error("ONNX model {side} '{name}': {reason}")]
     Schema {

@@ -1,0 +1,256 @@
+//! ONNX to Vouch's IR, through tract's parser, shape inference and decluttering.
+
+use std::collections::HashMap;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::DimLike;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::ops::nn::{LeakyRelu, Softmax, SoftmaxKind};
+use tract_onnx::tract_core::ops::source::TypedSource;
+use vouch_tensor::{DType, Tensor, TensorData};
+
+use crate::EngineError;
+use crate::ir::{BinaryOp, DimFact, Graph, Node, Op, UnaryOp, Value, ValueId};
+
+/// An ONNX model loaded through tract: typed, shapes inferred, decluttered.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub(crate) typed: TypedModel,
+}
+
+/// Parses an ONNX model and runs tract's shape inference and decluttering on it.
+pub fn load_onnx(model_bytes: &[u8]) -> Result<LoadedModel, EngineError> {
+    let mut reader = model_bytes;
+    let inference = onnx()
+        .model_for_read(&mut reader)
+        .map_err(|e| EngineError::NotOnnx(format!("{e:#}")))?;
+    let typed = inference
+        .into_typed()
+        .and_then(|m| m.into_decluttered())
+        .map_err(|e| EngineError::Import(format!("{e:#}")))?;
+    Ok(LoadedModel { typed })
+}
+
+impl LoadedModel {
+    /// The model in Vouch's IR; fails on the first operation the exact engine does not support.
+    pub fn to_ir(&self) -> Result<Graph, EngineError> {
+        let model = &self.typed;
+        let order = model.eval_order().map_err(|e| EngineError::Import(format!("{e:#}")))?;
+        let mut graph = Graph {
+            values: Vec::with_capacity(order.len()),
+            nodes: Vec::with_capacity(order.len()),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        };
+        let mut by_outlet: HashMap<OutletId, ValueId> = HashMap::new();
+        for node_id in order {
+            let node = model.node(node_id);
+            let unsupported = |reason: String| EngineError::Unsupported {
+                op: node.op.name().to_string(),
+                node: node.name.clone(),
+                reason,
+            };
+            if node.outputs.len() != 1 {
+                return Err(unsupported(format!(
+                    "has {} outputs; only one is supported",
+                    node.outputs.len()
+                )));
+            }
+            let fact = &node.outputs[0].fact;
+            let dtype =
+                dtype_of(fact.datum_type).ok_or_else(|| unsupported(format!("produces {:?}", fact.datum_type)))?;
+            let shape = fact
+                .shape
+                .iter()
+                .map(|dim| match dim.to_usize() {
+                    Ok(n) => DimFact::Fixed(n),
+                    Err(_) => DimFact::Symbol(dim.to_string()),
+                })
+                .collect();
+            let inputs = node
+                .inputs
+                .iter()
+                .map(|outlet| {
+                    by_outlet.get(outlet).copied().ok_or_else(|| {
+                        unsupported(format!(
+                            "reads output {} of node {}, which is not imported",
+                            outlet.slot, outlet.node
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let op = convert_op(model, node, &inputs).map_err(unsupported)?;
+            let value = graph.values.len();
+            if let Op::Input(_) = op {
+                graph.inputs.push(value);
+            }
+            graph.values.push(Value {
+                name: node.name.clone(),
+                dtype,
+                shape,
+                tract_outlet: (node_id, 0),
+            });
+            graph.nodes.push(Node {
+                name: node.name.clone(),
+                op,
+                inputs,
+                output: value,
+            });
+            by_outlet.insert(OutletId::new(node_id, 0), value);
+        }
+        // Inputs are numbered in the model's order, which eval order need not follow.
+        let model_inputs = model
+            .input_outlets()
+            .map_err(|e| EngineError::Import(format!("{e:#}")))?;
+        graph.inputs = model_inputs
+            .iter()
+            .map(|outlet| {
+                by_outlet
+                    .get(outlet)
+                    .copied()
+                    .ok_or_else(|| EngineError::Import("an input is not imported".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        for (index, value) in graph.inputs.iter().enumerate() {
+            graph.nodes[*value].op = Op::Input(index);
+        }
+        let model_outputs = model
+            .output_outlets()
+            .map_err(|e| EngineError::Import(format!("{e:#}")))?;
+        graph.outputs = model_outputs
+            .iter()
+            .map(|outlet| {
+                by_outlet
+                    .get(outlet)
+                    .copied()
+                    .ok_or_else(|| EngineError::Import("an output is not imported".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(graph)
+    }
+}
+
+fn dtype_of(datum: DatumType) -> Option<DType> {
+    Some(match datum {
+        DatumType::F32 | DatumType::F16 | DatumType::F64 => DType::Float32,
+        DatumType::I64 => DType::Int64,
+        DatumType::I32 => DType::Int32,
+        DatumType::I8 => DType::Int8,
+        DatumType::U8 => DType::Uint8,
+        DatumType::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
+/// A tract constant as a Vouch tensor: floats become float32, integers int64.
+pub(crate) fn tensor_from_tract(tensor: &tract_onnx::prelude::Tensor) -> Result<Tensor, String> {
+    let shape = tensor.shape().to_vec();
+    let data = if tensor.datum_type().is_float() {
+        let cast = tensor.cast_to::<f32>().map_err(|e| format!("{e:#}"))?;
+        let view = cast.to_plain_array_view::<f32>().map_err(|e| format!("{e:#}"))?;
+        TensorData::F32(view.iter().copied().collect())
+    } else if tensor.datum_type() == DatumType::Bool {
+        let view = tensor.to_plain_array_view::<bool>().map_err(|e| format!("{e:#}"))?;
+        TensorData::Bool(view.iter().copied().collect())
+    } else if tensor.datum_type().is_integer() {
+        let cast = tensor.cast_to::<i64>().map_err(|e| format!("{e:#}"))?;
+        let view = cast.to_plain_array_view::<i64>().map_err(|e| format!("{e:#}"))?;
+        TensorData::I64(view.iter().copied().collect())
+    } else {
+        return Err(format!("constant of type {:?}", tensor.datum_type()));
+    };
+    Tensor::new(shape, data).map_err(|e| e.to_string())
+}
+
+fn convert_op(model: &TypedModel, node: &TypedNode, inputs: &[ValueId]) -> Result<Op, String> {
+    let _ = (model, inputs);
+    if node.op_as::<TypedSource>().is_some() {
+        return Ok(Op::Input(0));
+    }
+    if let Some(konst) = node.op_as::<Const>() {
+        return Ok(Op::Const(tensor_from_tract(konst.val())?));
+    }
+    if let Some(einsum) = node.op_as::<EinSum>() {
+        if einsum.q_params.is_some() {
+            return Err("quantized einsum is not supported".into());
+        }
+        return Ok(Op::EinSum {
+            expr: einsum.axes.to_string(),
+        });
+    }
+    if let Some(binary) = node.op_as::<TypedBinOp>() {
+        let op = match binary.0.name() {
+            "Add" => BinaryOp::Add,
+            "Sub" => BinaryOp::Sub,
+            "Mul" => BinaryOp::Mul,
+            "Div" => BinaryOp::Div,
+            "Max" => BinaryOp::Max,
+            "Min" => BinaryOp::Min,
+            other => return Err(format!("binary operation {other} is not supported by the exact engine")),
+        };
+        return Ok(Op::Binary(op));
+    }
+    if let Some(unary) = node.op_as::<ElementWiseOp>() {
+        let op = match unary.0.name().as_str() {
+            "Sigmoid" => UnaryOp::Sigmoid,
+            "Tanh" => UnaryOp::Tanh,
+            "Erf" => UnaryOp::Erf,
+            "Exp" => UnaryOp::Exp,
+            "Recip" => UnaryOp::Recip,
+            "Sqrt" => UnaryOp::Sqrt,
+            "Rsqrt" => UnaryOp::Rsqrt,
+            "Abs" => UnaryOp::Abs,
+            "Neg" => UnaryOp::Neg,
+            "Square" => UnaryOp::Square,
+            "GeluExact" => UnaryOp::Gelu,
+            "LeakyRelu" => {
+                let alpha = unary
+                    .0
+                    .downcast_ref::<LeakyRelu>()
+                    .map(|l| l.alpha)
+                    .ok_or("LeakyRelu without its alpha")?;
+                UnaryOp::LeakyRelu { alpha }
+            }
+            other => {
+                return Err(format!(
+                    "element-wise function {other} is not supported by the exact engine"
+                ));
+            }
+        };
+        return Ok(Op::Unary(op));
+    }
+    if let Some(softmax) = node.op_as::<Softmax>() {
+        if softmax.kind != SoftmaxKind::Softmax {
+            return Err("LogSoftmax is not supported by the exact engine".into());
+        }
+        let [axis] = softmax.axes.as_slice() else {
+            return Err("softmax over several axes is not supported".into());
+        };
+        return Ok(Op::Softmax { axis: *axis });
+    }
+    if let Some(axis_op) = node.op_as::<AxisOp>() {
+        let dims = |dims: &[TDim]| {
+            dims.iter()
+                .map(|d| match d.to_usize() {
+                    Ok(n) => DimFact::Fixed(n),
+                    Err(_) => DimFact::Symbol(d.to_string()),
+                })
+                .collect::<Vec<_>>()
+        };
+        return Ok(match axis_op {
+            AxisOp::Add(axis) => Op::AddAxis(*axis),
+            AxisOp::Rm(axis) => Op::RemoveAxis(*axis),
+            AxisOp::Move(from, to) => Op::MoveAxis { from: *from, to: *to },
+            AxisOp::Reshape(at, from, to) => Op::Reshape {
+                at: *at,
+                from: dims(from),
+                to: dims(to),
+            },
+        });
+    }
+    Err("this operation is not supported by the exact engine".into())
+}

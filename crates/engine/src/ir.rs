@@ -1,0 +1,201 @@
+//! Vouch's graph IR: what a model computes, in float terms, before it is quantized.
+//!
+//! Imported from tract's decluttered typed model (so shapes are inferred and ONNX's many spellings
+//! of one operation are already normalized), one IR node per tract node. Each value keeps the tract
+//! outlet it came from, so calibration can observe it by running tract.
+
+use vouch_tensor::{DType, Tensor};
+
+/// Index of a value in [`Graph::values`].
+pub type ValueId = usize;
+
+/// A dimension: known, or symbolic (a batch size or sequence length fixed only at run time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DimFact {
+    /// A fixed size.
+    Fixed(usize),
+    /// A size fixed at run time, by its symbol (`batch`).
+    Symbol(String),
+}
+
+/// A tensor the graph computes or holds.
+#[derive(Debug, Clone)]
+pub struct Value {
+    /// A name unique in the graph (the tract node name, with `.N` for extra outputs).
+    pub name: String,
+    /// The element type.
+    pub dtype: DType,
+    /// The shape as inferred at import.
+    pub shape: Vec<DimFact>,
+    /// The tract node and output slot that computes it.
+    pub tract_outlet: (usize, usize),
+}
+
+/// Element-wise binary operations, with NumPy broadcasting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+}
+
+/// Element-wise functions of one input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[allow(missing_docs)]
+pub enum UnaryOp {
+    Sigmoid,
+    Tanh,
+    Erf,
+    Exp,
+    Recip,
+    Sqrt,
+    Rsqrt,
+    Abs,
+    Neg,
+    Square,
+    Gelu,
+    LeakyRelu { alpha: f32 },
+}
+
+impl UnaryOp {
+    /// The function in double precision, for building lookup tables (through `libm`, whose
+    /// results do not depend on the platform's math library).
+    pub fn eval(self, x: f64) -> f64 {
+        match self {
+            Self::Sigmoid => 1.0 / (1.0 + libm::exp(-x)),
+            Self::Tanh => libm::tanh(x),
+            Self::Erf => libm::erf(x),
+            Self::Exp => libm::exp(x),
+            Self::Recip => 1.0 / x,
+            Self::Sqrt => libm::sqrt(x),
+            Self::Rsqrt => 1.0 / libm::sqrt(x),
+            Self::Abs => x.abs(),
+            Self::Neg => -x,
+            Self::Square => x * x,
+            Self::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+            Self::LeakyRelu { alpha } => {
+                if x < 0.0 {
+                    f64::from(alpha) * x
+                } else {
+                    x
+                }
+            }
+        }
+    }
+}
+
+/// What an IR node computes.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// The model input with this index.
+    Input(usize),
+    /// A constant (weights, biases, shapes).
+    Const(Tensor),
+    /// A product summed over one shared axis, in einsum notation over single-letter axes
+    /// (`mk,kn->mn`, `bmk,bkn->bmn`).
+    EinSum {
+        /// The expression, as tract normalized it.
+        expr: String,
+    },
+    /// Element-wise binary operation with broadcasting.
+    Binary(BinaryOp),
+    /// Element-wise function.
+    Unary(UnaryOp),
+    /// Softmax over one axis.
+    Softmax {
+        /// The axis.
+        axis: usize,
+    },
+    /// Inserts an axis of size 1.
+    AddAxis(usize),
+    /// Removes an axis of size 1.
+    RemoveAxis(usize),
+    /// Moves an axis.
+    MoveAxis {
+        /// Where it is.
+        from: usize,
+        /// Where it goes.
+        to: usize,
+    },
+    /// Replaces the dimensions starting at `at` by others with the same element count.
+    Reshape {
+        /// First axis replaced.
+        at: usize,
+        /// The dimensions replaced.
+        from: Vec<DimFact>,
+        /// The dimensions they become.
+        to: Vec<DimFact>,
+    },
+}
+
+impl Op {
+    /// A short name for messages.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Input(_) => "Input".into(),
+            Self::Const(_) => "Const".into(),
+            Self::EinSum { expr } => format!("EinSum({expr})"),
+            Self::Binary(op) => format!("{op:?}"),
+            Self::Unary(op) => format!("{op:?}"),
+            Self::Softmax { .. } => "Softmax".into(),
+            Self::AddAxis(_) => "AddAxis".into(),
+            Self::RemoveAxis(_) => "RemoveAxis".into(),
+            Self::MoveAxis { .. } => "MoveAxis".into(),
+            Self::Reshape { .. } => "Reshape".into(),
+        }
+    }
+}
+
+/// One operation of the graph.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The node's name in the model.
+    pub name: String,
+    /// What it computes.
+    pub op: Op,
+    /// The values it reads.
+    pub inputs: Vec<ValueId>,
+    /// The value it produces.
+    pub output: ValueId,
+}
+
+/// A model as Vouch's IR: nodes in a topological order, each producing one value.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    /// Every value, in the order nodes produce them.
+    pub values: Vec<Value>,
+    /// Every node, topologically ordered; node `i` produces value `i`.
+    pub nodes: Vec<Node>,
+    /// The model inputs, in the model's order.
+    pub inputs: Vec<ValueId>,
+    /// The model outputs, in the model's order.
+    pub outputs: Vec<ValueId>,
+}
+
+impl Graph {
+    /// How many nodes read each value (model outputs count as a reader).
+    pub fn reader_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0usize; self.values.len()];
+        for node in &self.nodes {
+            for input in &node.inputs {
+                counts[*input] += 1;
+            }
+        }
+        for output in &self.outputs {
+            counts[*output] += 1;
+        }
+        counts
+    }
+
+    /// The constant a value holds, if its node is a constant.
+    pub fn constant(&self, value: ValueId) -> Option<&Tensor> {
+        match &self.nodes.get(value)?.op {
+            Op::Const(tensor) => Some(tensor),
+            _ => None,
+        }
+    }
+}

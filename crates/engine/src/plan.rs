@@ -1,0 +1,615 @@
+//! The exact plan: an integer program with a canonical encoding and a content id.
+//!
+//! Values are numbered: the plan's inputs first, then one value per instruction, in order. Every
+//! value is a tensor of `i32` elements. A *quantized* value stands for `q * scale` with `q` in
+//! `[-32767, 32767]`; an *integer* value (token ids, say) holds exact integers. Scales never enter
+//! execution: every rescaling is a [`Multiplier`] fixed when the plan is built.
+
+use bytes::BufMut;
+use vouch_codec::Buf;
+use vouch_codec::{Error as CodecError, RangeCfg, Read, ReadExt, Write};
+use vouch_types::BlobId;
+
+use crate::fixed::Multiplier;
+
+/// Current encoding version of a plan.
+pub const PLAN_FORMAT_VERSION: u8 = 1;
+
+/// Index of a value in a plan: inputs first, then one per instruction.
+pub type PlanValue = u32;
+
+/// A dimension of an input's declared shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanDim {
+    /// Must be exactly this.
+    Fixed(u64),
+    /// Any size, the same wherever the same symbol appears.
+    Symbol(String),
+}
+
+/// How a plan input arrives from the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// float32 elements, quantized by `inverse_scale` (`q = floor(x * m / 2^shift + 1/2)`).
+    Quantized {
+        /// `1 / scale` as a multiplier.
+        inverse_scale: Multiplier,
+    },
+    /// Integer elements (int64 or int32), which must fit in `i32`.
+    Integer,
+}
+
+/// A model input as the plan receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanInput {
+    /// The model's name for it.
+    pub name: String,
+    /// How it is converted.
+    pub kind: InputKind,
+    /// The shape the model declares.
+    pub shape: Vec<PlanDim>,
+}
+
+/// How a plan output is handed to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// float32 `q * scale`: one IEEE-754 multiplication, the same on every machine.
+    Dequantized {
+        /// The scale's float32 bits.
+        scale_bits: u32,
+    },
+    /// The integers themselves, as int64.
+    Integer,
+}
+
+/// A model output and the value that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanOutput {
+    /// The model's name for it.
+    pub name: String,
+    /// The value.
+    pub value: PlanValue,
+    /// How it is handed out.
+    pub kind: OutputKind,
+}
+
+/// One integer operation. Inputs are earlier values; the result is the next value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Instr {
+    /// A constant tensor.
+    Const {
+        /// Dimensions.
+        shape: Vec<u64>,
+        /// Elements.
+        data: Vec<i32>,
+    },
+    /// `y[.., j] = rq_j(sum_k x[.., k] * w[j, k] + bias[j])`: a product with constant int8
+    /// weights over the last axis, per-output-channel requantization.
+    Dense {
+        /// The activation, last axis `k`.
+        input: PlanValue,
+        /// Length of the contracted axis.
+        k: u32,
+        /// Output channels.
+        n: u32,
+        /// `n * k` weights, channel-major (`w[j * k + kk]`).
+        weights: Vec<i8>,
+        /// `n` biases at the accumulator's scale.
+        bias: Vec<i64>,
+        /// `n` requantization factors, accumulator scale to output scale.
+        requant: Vec<Multiplier>,
+    },
+    /// `y = sat(rq_a(a) ± rq_b(b))` with NumPy broadcasting.
+    AddSub {
+        /// Left operand.
+        a: PlanValue,
+        /// Right operand.
+        b: PlanValue,
+        /// Left factor to the output scale.
+        scale_a: Multiplier,
+        /// Right factor to the output scale.
+        scale_b: Multiplier,
+        /// `a - b` instead of `a + b`.
+        subtract: bool,
+    },
+    /// `y = sat(rq(a * b))` with NumPy broadcasting.
+    Mul {
+        /// Left operand.
+        a: PlanValue,
+        /// Right operand.
+        b: PlanValue,
+        /// Product scale to output scale.
+        requant: Multiplier,
+    },
+    /// `y = clamp(x, low, high)`, scale unchanged (ReLU, clipping).
+    Clamp {
+        /// The operand.
+        input: PlanValue,
+        /// Lowest output.
+        low: i32,
+        /// Highest output.
+        high: i32,
+    },
+    /// `y = table[x + 32767]`: any function of one quantized value, tabulated at build time.
+    Lookup {
+        /// The operand.
+        input: PlanValue,
+        /// 65535 outputs, one for each input from -32767 to 32767.
+        table: Vec<i32>,
+    },
+    /// Softmax over `axis`: `e_i = exp_table[max - x_i]` (0 past the table),
+    /// `y_i = floor(e_i * 32767 / sum e + 1/2)`; output scale 1/32767.
+    Softmax {
+        /// The operand.
+        input: PlanValue,
+        /// The axis.
+        axis: u32,
+        /// `floor(2^16 * exp(-d * scale) + 1/2)` for `d = 0, 1, ..` until it reaches 0.
+        exp_table: Vec<u32>,
+    },
+    /// Inserts an axis of size 1.
+    AddAxis {
+        /// The operand.
+        input: PlanValue,
+        /// Where.
+        axis: u32,
+    },
+    /// Removes an axis of size 1.
+    RemoveAxis {
+        /// The operand.
+        input: PlanValue,
+        /// Which.
+        axis: u32,
+    },
+    /// Moves one axis (a transposition).
+    MoveAxis {
+        /// The operand.
+        input: PlanValue,
+        /// Where it is.
+        from: u32,
+        /// Where it goes.
+        to: u32,
+    },
+    /// Replaces `from_rank` axes starting at `at` by `to` (one may be 0: inferred from the count).
+    Reshape {
+        /// The operand.
+        input: PlanValue,
+        /// First axis replaced.
+        at: u32,
+        /// How many axes are replaced.
+        from_rank: u32,
+        /// The new dimensions; 0 stands for the one inferred.
+        to: Vec<u64>,
+    },
+}
+
+impl Instr {
+    /// The values this instruction reads.
+    pub fn inputs(&self) -> Vec<PlanValue> {
+        match self {
+            Self::Const { .. } => vec![],
+            Self::Dense { input, .. }
+            | Self::Clamp { input, .. }
+            | Self::Lookup { input, .. }
+            | Self::Softmax { input, .. }
+            | Self::AddAxis { input, .. }
+            | Self::RemoveAxis { input, .. }
+            | Self::MoveAxis { input, .. }
+            | Self::Reshape { input, .. } => vec![*input],
+            Self::AddSub { a, b, .. } | Self::Mul { a, b, .. } => vec![*a, *b],
+        }
+    }
+
+    /// The instruction's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Const { .. } => "Const",
+            Self::Dense { .. } => "Dense",
+            Self::AddSub { subtract: false, .. } => "Add",
+            Self::AddSub { subtract: true, .. } => "Sub",
+            Self::Mul { .. } => "Mul",
+            Self::Clamp { .. } => "Clamp",
+            Self::Lookup { .. } => "Lookup",
+            Self::Softmax { .. } => "Softmax",
+            Self::AddAxis { .. } => "AddAxis",
+            Self::RemoveAxis { .. } => "RemoveAxis",
+            Self::MoveAxis { .. } => "MoveAxis",
+            Self::Reshape { .. } => "Reshape",
+        }
+    }
+}
+
+/// An exact plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The inputs, in the model's order.
+    pub inputs: Vec<PlanInput>,
+    /// The program.
+    pub instrs: Vec<Instr>,
+    /// The outputs, in the model's order.
+    pub outputs: Vec<PlanOutput>,
+}
+
+/// Bounds on what the plan decoder accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// Most instructions.
+    pub max_instrs: usize,
+    /// Most inputs or outputs.
+    pub max_io: usize,
+    /// Most dimensions of a shape.
+    pub max_rank: usize,
+    /// Most elements in one constant, weight matrix or table.
+    pub max_elements: usize,
+    /// Longest name, in bytes.
+    pub max_name_bytes: usize,
+}
+
+impl Default for PlanLimits {
+    fn default() -> Self {
+        Self {
+            max_instrs: 100_000,
+            max_io: 64,
+            max_rank: 8,
+            max_elements: 1 << 28,
+            max_name_bytes: 256,
+        }
+    }
+}
+
+impl Plan {
+    /// The number of values: inputs plus instructions.
+    pub fn value_count(&self) -> usize {
+        self.inputs.len() + self.instrs.len()
+    }
+
+    /// The canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.put_u8(PLAN_FORMAT_VERSION);
+        self.inputs.len().write(&mut out);
+        for input in &self.inputs {
+            vouch_codec::write_str(&input.name, &mut out);
+            match input.kind {
+                InputKind::Quantized { inverse_scale } => {
+                    out.put_u8(0);
+                    write_multiplier(inverse_scale, &mut out);
+                }
+                InputKind::Integer => out.put_u8(1),
+            }
+            input.shape.len().write(&mut out);
+            for dim in &input.shape {
+                match dim {
+                    PlanDim::Fixed(n) => {
+                        out.put_u8(0);
+                        out.put_u64(*n);
+                    }
+                    PlanDim::Symbol(name) => {
+                        out.put_u8(1);
+                        vouch_codec::write_str(name, &mut out);
+                    }
+                }
+            }
+        }
+        self.instrs.len().write(&mut out);
+        for instr in &self.instrs {
+            write_instr(instr, &mut out);
+        }
+        self.outputs.len().write(&mut out);
+        for output in &self.outputs {
+            vouch_codec::write_str(&output.name, &mut out);
+            out.put_u32(output.value);
+            match output.kind {
+                OutputKind::Dequantized { scale_bits } => {
+                    out.put_u8(0);
+                    out.put_u32(scale_bits);
+                }
+                OutputKind::Integer => out.put_u8(1),
+            }
+        }
+        out
+    }
+
+    /// The plan id: the content id of the canonical encoding.
+    pub fn id(&self) -> BlobId {
+        BlobId::of(&self.encode())
+    }
+
+    /// Decodes a plan, refusing anything over the limits, any value read before it exists, and
+    /// any encoding that is not the canonical one.
+    pub fn decode(bytes: &[u8], limits: &PlanLimits) -> Result<Self, CodecError> {
+        let plan =
+            vouch_codec::decode_canonical(bytes, |b| decode_plan(b, limits), Plan::encode).map_err(|e| match e {
+                vouch_codec::CanonicalError::Malformed(e) => e,
+                vouch_codec::CanonicalError::NotCanonical => CodecError::Invalid("plan", "encoding is not canonical"),
+            })?;
+        plan.check_references()?;
+        Ok(plan)
+    }
+
+    /// Checks every instruction reads only earlier values and outputs name existing ones.
+    fn check_references(&self) -> Result<(), CodecError> {
+        let inputs = self.inputs.len();
+        for (index, instr) in self.instrs.iter().enumerate() {
+            if instr.inputs().iter().any(|v| *v as usize >= inputs + index) {
+                return Err(CodecError::Invalid("plan", "an instruction reads a later value"));
+            }
+        }
+        if self.outputs.iter().any(|o| o.value as usize >= self.value_count()) {
+            return Err(CodecError::Invalid("plan", "an output names a missing value"));
+        }
+        Ok(())
+    }
+}
+
+fn write_multiplier(m: Multiplier, out: &mut Vec<u8>) {
+    out.put_u32(m.m as u32);
+    out.put_u8(m.shift as u8);
+}
+
+fn read_multiplier(buf: &mut impl Buf) -> Result<Multiplier, CodecError> {
+    let m = u32::read(buf)?;
+    let shift = u8::read(buf)?;
+    if m >= 1 << 31 || u32::from(shift) > Multiplier::MAX_SHIFT {
+        return Err(CodecError::Invalid("plan", "multiplier out of range"));
+    }
+    Ok(Multiplier {
+        m: i64::from(m),
+        shift: u32::from(shift),
+    })
+}
+
+fn write_i32s(values: &[i32], out: &mut Vec<u8>) {
+    values.len().write(out);
+    for v in values {
+        out.put_i32(*v);
+    }
+}
+
+fn read_i32s(buf: &mut impl Buf, max: usize) -> Result<Vec<i32>, CodecError> {
+    vouch_codec::read_vec(buf, max, |b| i32::read(b))
+}
+
+fn write_u64s(values: &[u64], out: &mut Vec<u8>) {
+    values.len().write(out);
+    for v in values {
+        out.put_u64(*v);
+    }
+}
+
+fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
+    match instr {
+        Instr::Const { shape, data } => {
+            out.put_u8(0);
+            write_u64s(shape, out);
+            write_i32s(data, out);
+        }
+        Instr::Dense {
+            input,
+            k,
+            n,
+            weights,
+            bias,
+            requant,
+        } => {
+            out.put_u8(1);
+            out.put_u32(*input);
+            out.put_u32(*k);
+            out.put_u32(*n);
+            let bytes: Vec<u8> = weights.iter().map(|w| *w as u8).collect();
+            bytes.write(out);
+            bias.len().write(out);
+            for b in bias {
+                out.put_i64(*b);
+            }
+            requant.len().write(out);
+            for m in requant {
+                write_multiplier(*m, out);
+            }
+        }
+        Instr::AddSub {
+            a,
+            b,
+            scale_a,
+            scale_b,
+            subtract,
+        } => {
+            out.put_u8(2);
+            out.put_u32(*a);
+            out.put_u32(*b);
+            write_multiplier(*scale_a, out);
+            write_multiplier(*scale_b, out);
+            out.put_u8(u8::from(*subtract));
+        }
+        Instr::Mul { a, b, requant } => {
+            out.put_u8(3);
+            out.put_u32(*a);
+            out.put_u32(*b);
+            write_multiplier(*requant, out);
+        }
+        Instr::Clamp { input, low, high } => {
+            out.put_u8(4);
+            out.put_u32(*input);
+            out.put_i32(*low);
+            out.put_i32(*high);
+        }
+        Instr::Lookup { input, table } => {
+            out.put_u8(5);
+            out.put_u32(*input);
+            write_i32s(table, out);
+        }
+        Instr::Softmax { input, axis, exp_table } => {
+            out.put_u8(6);
+            out.put_u32(*input);
+            out.put_u32(*axis);
+            exp_table.len().write(out);
+            for v in exp_table {
+                out.put_u32(*v);
+            }
+        }
+        Instr::AddAxis { input, axis } => {
+            out.put_u8(7);
+            out.put_u32(*input);
+            out.put_u32(*axis);
+        }
+        Instr::RemoveAxis { input, axis } => {
+            out.put_u8(8);
+            out.put_u32(*input);
+            out.put_u32(*axis);
+        }
+        Instr::MoveAxis { input, from, to } => {
+            out.put_u8(9);
+            out.put_u32(*input);
+            out.put_u32(*from);
+            out.put_u32(*to);
+        }
+        Instr::Reshape {
+            input,
+            at,
+            from_rank,
+            to,
+        } => {
+            out.put_u8(10);
+            out.put_u32(*input);
+            out.put_u32(*at);
+            out.put_u32(*from_rank);
+            write_u64s(to, out);
+        }
+    }
+}
+
+fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecError> {
+    let max = limits.max_elements;
+    let rank = limits.max_rank;
+    Ok(match u8::read(buf)? {
+        0 => Instr::Const {
+            shape: vouch_codec::read_vec(buf, rank, |b| u64::read(b))?,
+            data: read_i32s(buf, max)?,
+        },
+        1 => {
+            let input = u32::read(buf)?;
+            let k = u32::read(buf)?;
+            let n = u32::read(buf)?;
+            let weights = Vec::<u8>::read_cfg(buf, &(RangeCfg::from(0..=max), ()))?;
+            let bias = vouch_codec::read_vec(buf, max, |b| i64::read(b))?;
+            let requant = vouch_codec::read_vec(buf, max, read_multiplier)?;
+            let channels = n as usize;
+            if weights.len() != channels.saturating_mul(k as usize)
+                || bias.len() != channels
+                || requant.len() != channels
+            {
+                return Err(CodecError::Invalid("plan", "dense sizes disagree"));
+            }
+            Instr::Dense {
+                input,
+                k,
+                n,
+                weights: weights.into_iter().map(|w| w as i8).collect(),
+                bias,
+                requant,
+            }
+        }
+        2 => Instr::AddSub {
+            a: u32::read(buf)?,
+            b: u32::read(buf)?,
+            scale_a: read_multiplier(buf)?,
+            scale_b: read_multiplier(buf)?,
+            subtract: match u8::read(buf)? {
+                0 => false,
+                1 => true,
+                _ => return Err(CodecError::Invalid("plan", "bad flag")),
+            },
+        },
+        3 => Instr::Mul {
+            a: u32::read(buf)?,
+            b: u32::read(buf)?,
+            requant: read_multiplier(buf)?,
+        },
+        4 => Instr::Clamp {
+            input: u32::read(buf)?,
+            low: i32::read(buf)?,
+            high: i32::read(buf)?,
+        },
+        5 => {
+            let input = u32::read(buf)?;
+            let table = read_i32s(buf, crate::exec::LOOKUP_ENTRIES)?;
+            if table.len() != crate::exec::LOOKUP_ENTRIES {
+                return Err(CodecError::Invalid("plan", "lookup table has the wrong length"));
+            }
+            Instr::Lookup { input, table }
+        }
+        6 => Instr::Softmax {
+            input: u32::read(buf)?,
+            axis: u32::read(buf)?,
+            exp_table: vouch_codec::read_vec(buf, crate::exec::LOOKUP_ENTRIES, |b| u32::read(b))?,
+        },
+        7 => Instr::AddAxis {
+            input: u32::read(buf)?,
+            axis: u32::read(buf)?,
+        },
+        8 => Instr::RemoveAxis {
+            input: u32::read(buf)?,
+            axis: u32::read(buf)?,
+        },
+        9 => Instr::MoveAxis {
+            input: u32::read(buf)?,
+            from: u32::read(buf)?,
+            to: u32::read(buf)?,
+        },
+        10 => Instr::Reshape {
+            input: u32::read(buf)?,
+            at: u32::read(buf)?,
+            from_rank: u32::read(buf)?,
+            to: vouch_codec::read_vec(buf, rank, |b| u64::read(b))?,
+        },
+        other => return Err(CodecError::InvalidEnum(other)),
+    })
+}
+
+fn decode_plan(bytes: &[u8], limits: &PlanLimits) -> Result<Plan, CodecError> {
+    let mut buf = bytes::Bytes::copy_from_slice(bytes);
+    let version = u8::read(&mut buf)?;
+    if version != PLAN_FORMAT_VERSION {
+        return Err(CodecError::Invalid("plan", "unknown format version"));
+    }
+    let names = limits.max_name_bytes;
+    let inputs = vouch_codec::read_vec(&mut buf, limits.max_io, |b| {
+        let name = vouch_codec::read_str(b, names, "input name")?;
+        let kind = match u8::read(b)? {
+            0 => InputKind::Quantized {
+                inverse_scale: read_multiplier(b)?,
+            },
+            1 => InputKind::Integer,
+            other => return Err(CodecError::InvalidEnum(other)),
+        };
+        let shape = vouch_codec::read_vec(b, limits.max_rank, |b| {
+            Ok(match u8::read(b)? {
+                0 => PlanDim::Fixed(u64::read(b)?),
+                1 => PlanDim::Symbol(vouch_codec::read_str(b, names, "dimension symbol")?),
+                other => return Err(CodecError::InvalidEnum(other)),
+            })
+        })?;
+        Ok(PlanInput { name, kind, shape })
+    })?;
+    let instrs = vouch_codec::read_vec(&mut buf, limits.max_instrs, |b| read_instr(b, limits))?;
+    let outputs = vouch_codec::read_vec(&mut buf, limits.max_io, |b| {
+        let name = vouch_codec::read_str(b, names, "output name")?;
+        let value = u32::read(b)?;
+        let kind = match u8::read(b)? {
+            0 => OutputKind::Dequantized {
+                scale_bits: u32::read(b)?,
+            },
+            1 => OutputKind::Integer,
+            other => return Err(CodecError::InvalidEnum(other)),
+        };
+        Ok(PlanOutput { name, value, kind })
+    })?;
+    if bytes::Buf::has_remaining(&buf) {
+        return Err(CodecError::ExtraData(bytes::Buf::remaining(&buf)));
+    }
+    Ok(Plan {
+        inputs,
+        instrs,
+        outputs,
+    })
+}

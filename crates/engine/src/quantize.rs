@@ -1,0 +1,614 @@
+//! Post-training quantization: Vouch's IR plus calibration inputs to an exact plan.
+//!
+//! Calibration runs the float model (tract) on the publisher's inputs and records each value's
+//! largest magnitude. Activations then get a symmetric 16-bit scale (`max / 32767`), weights of a
+//! product a symmetric 8-bit scale per output channel (`max / 127`), and every operation becomes
+//! integer arithmetic with multipliers fixed here. Floats are used only in this module; the plan
+//! it produces never evaluates one. Building is deterministic: the same model and calibration
+//! give the same plan id.
+
+use tract_onnx::prelude::{IntoRunnable, OutletId, TValue, TVec, TypedModel};
+use vouch_tensor::{DType, NamedTensor, Tensor, TensorData};
+
+use crate::EngineError;
+use crate::exec::LOOKUP_ENTRIES;
+use crate::fixed::{ACTIVATION_MAX, Multiplier, WEIGHT_MAX};
+use crate::import::LoadedModel;
+use crate::ir::{BinaryOp, DimFact, Graph, Op, UnaryOp, ValueId};
+use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim, PlanInput, PlanOutput, PlanValue};
+
+/// Calibration runs in batches of at most this many samples along axis 0.
+const CALIBRATION_BATCH: usize = 256;
+
+/// What a value of the IR became in the plan.
+#[derive(Debug, Clone)]
+enum Quantized {
+    /// A quantized activation: plan value and its real scale.
+    Activation { value: PlanValue, scale: f64 },
+    /// Exact integers.
+    Integer { value: PlanValue },
+    /// A constant, not yet placed in the plan (most are folded into weights).
+    Constant(Tensor),
+    /// Folded into the instruction of another value.
+    Fused,
+}
+
+/// Builds the exact plan of a model from calibration inputs (named as the model's inputs, with the
+/// samples stacked along axis 0).
+pub fn build_plan(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) -> Result<Plan, EngineError> {
+    let ranges = calibrate(model, graph, calibration)?;
+    Builder::new(graph, ranges).build()
+}
+
+/// The largest magnitude each float value of the graph takes over the calibration inputs.
+fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) -> Result<Vec<f64>, EngineError> {
+    let bad = |reason: String| EngineError::Calibration(reason);
+    let observed: Vec<ValueId> = (0..graph.values.len())
+        .filter(|v| graph.values[*v].dtype == DType::Float32 && graph.constant(*v).is_none())
+        .collect();
+    let mut typed: TypedModel = model.typed.clone();
+    let outlets: Vec<OutletId> = observed
+        .iter()
+        .map(|v| {
+            let (node, slot) = graph.values[*v].tract_outlet;
+            OutletId::new(node, slot)
+        })
+        .collect();
+    typed
+        .select_output_outlets(&outlets)
+        .map_err(|e| bad(format!("{e:#}")))?;
+    let runnable = typed.into_runnable().map_err(|e| bad(format!("{e:#}")))?;
+
+    // Bind calibration tensors to inputs by name (or the only tensor to the only input).
+    let mut bound: Vec<&Tensor> = Vec::with_capacity(graph.inputs.len());
+    for &input in &graph.inputs {
+        let name = &graph.values[input].name;
+        let tensor = if graph.inputs.len() == 1 && calibration.len() == 1 {
+            &calibration[0].tensor
+        } else {
+            &calibration
+                .iter()
+                .find(|t| t.name.as_deref() == Some(name.as_str()))
+                .ok_or_else(|| bad(format!("no calibration tensor for input '{name}'")))?
+                .tensor
+        };
+        bound.push(tensor);
+    }
+    let samples = bound.first().and_then(|t| t.shape().first().copied()).unwrap_or(0);
+    if samples == 0 || bound.iter().any(|t| t.shape().first() != Some(&samples)) {
+        return Err(bad(
+            "every calibration tensor needs the same number of samples (at least one) along axis 0".into(),
+        ));
+    }
+    let batch = graph
+        .inputs
+        .iter()
+        .map(|v| match graph.values[*v].shape.first() {
+            Some(DimFact::Fixed(b)) => *b,
+            _ => CALIBRATION_BATCH,
+        })
+        .min()
+        .unwrap_or(CALIBRATION_BATCH)
+        .max(1);
+    if !samples.is_multiple_of(batch) && batch != CALIBRATION_BATCH {
+        return Err(bad(format!(
+            "the model takes batches of {batch}; {samples} samples do not divide into them"
+        )));
+    }
+    let mut ranges = vec![0f64; graph.values.len()];
+    let mut start = 0;
+    while start < samples {
+        let end = (start + batch).min(samples);
+        let inputs: TVec<TValue> = bound
+            .iter()
+            .map(|t| to_tract(&slice_rows(t, start, end)).map(TValue::from))
+            .collect::<Result<_, _>>()
+            .map_err(bad)?;
+        let outputs = runnable
+            .run(inputs)
+            .map_err(|e| bad(format!("the float model failed: {e:#}")))?;
+        for (value, output) in observed.iter().zip(outputs.iter()) {
+            let cast = output.cast_to::<f32>().map_err(|e| bad(format!("{e:#}")))?;
+            let view = cast.to_plain_array_view::<f32>().map_err(|e| bad(format!("{e:#}")))?;
+            let amax = view
+                .iter()
+                .fold(0f64, |m, x| if x.is_finite() { m.max(f64::from(x.abs())) } else { m });
+            ranges[*value] = ranges[*value].max(amax);
+        }
+        start = end;
+    }
+    Ok(ranges)
+}
+
+/// Rows `start..end` along axis 0.
+fn slice_rows(tensor: &Tensor, start: usize, end: usize) -> Tensor {
+    let row: usize = tensor.shape()[1..].iter().product();
+    let mut shape = tensor.shape().to_vec();
+    shape[0] = end - start;
+    let (a, b) = (start * row, end * row);
+    let data = match tensor.data() {
+        TensorData::F32(v) => TensorData::F32(v[a..b].to_vec()),
+        TensorData::F64(v) => TensorData::F64(v[a..b].to_vec()),
+        TensorData::I8(v) => TensorData::I8(v[a..b].to_vec()),
+        TensorData::U8(v) => TensorData::U8(v[a..b].to_vec()),
+        TensorData::I16(v) => TensorData::I16(v[a..b].to_vec()),
+        TensorData::I32(v) => TensorData::I32(v[a..b].to_vec()),
+        TensorData::I64(v) => TensorData::I64(v[a..b].to_vec()),
+        TensorData::Bool(v) => TensorData::Bool(v[a..b].to_vec()),
+    };
+    // The slice has exactly (end - start) * row elements by construction.
+    Tensor::new(shape, data).unwrap_or_else(|_| tensor.clone())
+}
+
+/// A Vouch tensor as a tract tensor.
+pub(crate) fn to_tract(tensor: &Tensor) -> Result<tract_onnx::prelude::Tensor, String> {
+    use tract_onnx::prelude::Tensor as T;
+    let shape = tensor.shape();
+    let result = match tensor.data() {
+        TensorData::F32(v) => T::from_shape(shape, v),
+        TensorData::F64(v) => T::from_shape(shape, v),
+        TensorData::I8(v) => T::from_shape(shape, v),
+        TensorData::U8(v) => T::from_shape(shape, v),
+        TensorData::I16(v) => T::from_shape(shape, v),
+        TensorData::I32(v) => T::from_shape(shape, v),
+        TensorData::I64(v) => T::from_shape(shape, v),
+        TensorData::Bool(v) => T::from_shape(shape, v),
+    };
+    result.map_err(|e| format!("{e:#}"))
+}
+
+fn f32_data(tensor: &Tensor) -> Vec<f64> {
+    match tensor.data() {
+        TensorData::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::F64(v) => v.clone(),
+        TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::I32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::I16(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::I8(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::U8(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::Bool(v) => v.iter().map(|x| f64::from(u8::from(*x))).collect(),
+    }
+}
+
+/// `round(x)` with ties away from zero, saturated to `±max` (build time only).
+fn round_saturate(x: f64, max: i64) -> i64 {
+    if x.is_nan() {
+        return 0;
+    }
+    (x.round() as i64).clamp(-max, max)
+}
+
+fn activation_scale(amax: f64) -> f64 {
+    // An all-zero value still needs a positive scale; any will do.
+    if amax > 0.0 {
+        amax / ACTIVATION_MAX as f64
+    } else {
+        1.0 / ACTIVATION_MAX as f64
+    }
+}
+
+struct Builder<'a> {
+    graph: &'a Graph,
+    ranges: Vec<f64>,
+    readers: Vec<Vec<usize>>,
+    quantized: Vec<Option<Quantized>>,
+    instrs: Vec<Instr>,
+    inputs: Vec<PlanInput>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(graph: &'a Graph, ranges: Vec<f64>) -> Self {
+        let mut readers = vec![Vec::new(); graph.values.len()];
+        for (index, node) in graph.nodes.iter().enumerate() {
+            for input in &node.inputs {
+                readers[*input].push(index);
+            }
+        }
+        Self {
+            graph,
+            ranges,
+            readers,
+            quantized: vec![None; graph.values.len()],
+            instrs: Vec::new(),
+            inputs: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, instr: Instr) -> PlanValue {
+        self.instrs.push(instr);
+        (self.inputs.len() + self.instrs.len() - 1) as PlanValue
+    }
+
+    fn scale_of(&self, value: ValueId) -> f64 {
+        activation_scale(self.ranges[value])
+    }
+
+    fn build(mut self) -> Result<Plan, EngineError> {
+        let graph = self.graph;
+        for (index, &value) in graph.inputs.iter().enumerate() {
+            let info = &graph.values[value];
+            let shape = info
+                .shape
+                .iter()
+                .map(|d| match d {
+                    DimFact::Fixed(n) => PlanDim::Fixed(*n as u64),
+                    DimFact::Symbol(s) => PlanDim::Symbol(s.clone()),
+                })
+                .collect();
+            let (kind, quantized) = match info.dtype {
+                DType::Float32 => {
+                    let scale = self.scale_of(value);
+                    (
+                        InputKind::Quantized {
+                            inverse_scale: Multiplier::from_f64(1.0 / scale),
+                        },
+                        Quantized::Activation {
+                            value: index as PlanValue,
+                            scale,
+                        },
+                    )
+                }
+                DType::Int64 | DType::Int32 => (
+                    InputKind::Integer,
+                    Quantized::Integer {
+                        value: index as PlanValue,
+                    },
+                ),
+                other => {
+                    return Err(EngineError::Unsupported {
+                        op: "Input".into(),
+                        node: info.name.clone(),
+                        reason: format!("inputs of type {other:?} are not supported"),
+                    });
+                }
+            };
+            self.inputs.push(PlanInput {
+                name: info.name.clone(),
+                kind,
+                shape,
+            });
+            self.quantized[value] = Some(quantized);
+        }
+        for index in 0..graph.nodes.len() {
+            if self.quantized[graph.nodes[index].output].is_some() {
+                continue; // an input, or fused into an earlier instruction
+            }
+            let quantized = self.node(index).map_err(|reason| {
+                let node = &graph.nodes[index];
+                EngineError::Unsupported {
+                    op: node.op.name(),
+                    node: node.name.clone(),
+                    reason,
+                }
+            })?;
+            // A fused einsum has already marked its own value; keep that mark.
+            self.quantized[graph.nodes[index].output].get_or_insert(quantized);
+        }
+        let mut outputs = Vec::with_capacity(graph.outputs.len());
+        for &value in &graph.outputs {
+            let name = graph.values[value].name.clone();
+            let (value, kind) = match self.operand(value).map_err(|reason| EngineError::Unsupported {
+                op: "Output".into(),
+                node: name.clone(),
+                reason,
+            })? {
+                Quantized::Activation { value, scale } => (
+                    value,
+                    OutputKind::Dequantized {
+                        scale_bits: (scale as f32).to_bits(),
+                    },
+                ),
+                Quantized::Integer { value } => (value, OutputKind::Integer),
+                _ => {
+                    return Err(EngineError::Unsupported {
+                        op: "Output".into(),
+                        node: name,
+                        reason: "constant outputs are not supported".into(),
+                    });
+                }
+            };
+            outputs.push(PlanOutput { name, value, kind });
+        }
+        Ok(Plan {
+            inputs: self.inputs,
+            instrs: self.instrs,
+            outputs,
+        })
+    }
+
+    /// What an IR value became; constants are placed in the plan when an activation needs them.
+    fn operand(&mut self, value: ValueId) -> Result<Quantized, String> {
+        match self.quantized[value].clone() {
+            Some(Quantized::Constant(tensor)) => {
+                if tensor.dtype() != DType::Float32 {
+                    return Err("integer constants cannot feed arithmetic".into());
+                }
+                let data = f32_data(&tensor);
+                let amax = data.iter().fold(0f64, |m, x| m.max(x.abs()));
+                let scale = activation_scale(amax);
+                let placed = self.push(Instr::Const {
+                    shape: tensor.shape().iter().map(|d| *d as u64).collect(),
+                    data: data
+                        .iter()
+                        .map(|x| round_saturate(x / scale, ACTIVATION_MAX) as i32)
+                        .collect(),
+                });
+                let quantized = Quantized::Activation { value: placed, scale };
+                self.quantized[value] = Some(quantized.clone());
+                Ok(quantized)
+            }
+            Some(Quantized::Fused) => Err("reads a value folded into another operation".into()),
+            Some(other) => Ok(other),
+            None => Err("reads a value computed later".into()),
+        }
+    }
+
+    fn activation(&mut self, value: ValueId) -> Result<(PlanValue, f64), String> {
+        match self.operand(value)? {
+            Quantized::Activation { value, scale } => Ok((value, scale)),
+            _ => Err("needs a float operand".into()),
+        }
+    }
+
+    fn node(&mut self, index: usize) -> Result<Quantized, String> {
+        let graph = self.graph;
+        let node = &graph.nodes[index];
+        let output = node.output;
+        match &node.op {
+            Op::Input(_) => Err("input not bound".into()),
+            Op::Const(tensor) => Ok(Quantized::Constant(tensor.clone())),
+            Op::EinSum { expr } => self.einsum(index, expr),
+            Op::Binary(op) => self.binary(*op, node.inputs[0], node.inputs[1], output),
+            Op::Unary(op) => {
+                let (input, scale) = self.activation(node.inputs[0])?;
+                let out_scale = self.scale_of(output);
+                let table = lookup_table(*op, scale, out_scale);
+                let value = self.push(Instr::Lookup { input, table });
+                Ok(Quantized::Activation {
+                    value,
+                    scale: out_scale,
+                })
+            }
+            Op::Softmax { axis } => {
+                let (input, scale) = self.activation(node.inputs[0])?;
+                let mut exp_table = Vec::new();
+                for distance in 0..LOOKUP_ENTRIES {
+                    let e = (65536.0 * libm::exp(-(distance as f64) * scale)).round();
+                    if e < 1.0 {
+                        break;
+                    }
+                    exp_table.push(e as u32);
+                }
+                let value = self.push(Instr::Softmax {
+                    input,
+                    axis: *axis as u32,
+                    exp_table,
+                });
+                Ok(Quantized::Activation {
+                    value,
+                    scale: 1.0 / ACTIVATION_MAX as f64,
+                })
+            }
+            Op::AddAxis(axis) => self.reshaping(node.inputs[0], |input| Instr::AddAxis {
+                input,
+                axis: *axis as u32,
+            }),
+            Op::RemoveAxis(axis) => self.reshaping(node.inputs[0], |input| Instr::RemoveAxis {
+                input,
+                axis: *axis as u32,
+            }),
+            Op::MoveAxis { from, to } => self.reshaping(node.inputs[0], |input| Instr::MoveAxis {
+                input,
+                from: *from as u32,
+                to: *to as u32,
+            }),
+            Op::Reshape { at, from, to } => {
+                let to_dims: Vec<u64> = to
+                    .iter()
+                    .map(|d| match d {
+                        DimFact::Fixed(n) => *n as u64,
+                        DimFact::Symbol(_) => 0,
+                    })
+                    .collect();
+                if to_dims.iter().filter(|d| **d == 0).count() > 1 {
+                    return Err("a reshape with more than one symbolic dimension".into());
+                }
+                let (at, from_rank) = (*at as u32, from.len() as u32);
+                self.reshaping(node.inputs[0], |input| Instr::Reshape {
+                    input,
+                    at,
+                    from_rank,
+                    to: to_dims.clone(),
+                })
+            }
+        }
+    }
+
+    /// Data movement: the value keeps its kind and scale.
+    fn reshaping(&mut self, input: ValueId, make: impl FnOnce(PlanValue) -> Instr) -> Result<Quantized, String> {
+        match self.operand(input)? {
+            Quantized::Activation { value, scale } => {
+                let value = self.push(make(value));
+                Ok(Quantized::Activation { value, scale })
+            }
+            Quantized::Integer { value } => {
+                let value = self.push(make(value));
+                Ok(Quantized::Integer { value })
+            }
+            _ => Err("cannot reshape this operand".into()),
+        }
+    }
+
+    fn binary(&mut self, op: BinaryOp, left: ValueId, right: ValueId, output: ValueId) -> Result<Quantized, String> {
+        let out_scale = self.scale_of(output);
+        match op {
+            BinaryOp::Add | BinaryOp::Sub => {
+                let (a, sa) = self.activation(left)?;
+                let (b, sb) = self.activation(right)?;
+                let value = self.push(Instr::AddSub {
+                    a,
+                    b,
+                    scale_a: Multiplier::from_f64(sa / out_scale),
+                    scale_b: Multiplier::from_f64(sb / out_scale),
+                    subtract: op == BinaryOp::Sub,
+                });
+                Ok(Quantized::Activation {
+                    value,
+                    scale: out_scale,
+                })
+            }
+            BinaryOp::Mul | BinaryOp::Div => {
+                let right = if op == BinaryOp::Div {
+                    // x / c is x * (1 / c); dividing by an activation needs a reciprocal table.
+                    let Some(Quantized::Constant(divisor)) = self.quantized[right].clone() else {
+                        return Err("division by a computed value is not supported yet".into());
+                    };
+                    let reciprocal: Vec<f32> = f32_data(&divisor).iter().map(|d| (1.0 / d) as f32).collect();
+                    let tensor = Tensor::new(divisor.shape().to_vec(), TensorData::F32(reciprocal))
+                        .map_err(|e| e.to_string())?;
+                    self.quantized[right] = Some(Quantized::Constant(tensor));
+                    right
+                } else {
+                    right
+                };
+                let (a, sa) = self.activation(left)?;
+                let (b, sb) = self.activation(right)?;
+                let value = self.push(Instr::Mul {
+                    a,
+                    b,
+                    requant: Multiplier::from_f64(sa * sb / out_scale),
+                });
+                Ok(Quantized::Activation {
+                    value,
+                    scale: out_scale,
+                })
+            }
+            BinaryOp::Max | BinaryOp::Min => {
+                // max(x, c) and min(x, c) with one constant c: a clamp in x's own scale (ReLU, Clip).
+                let (x, c) = match (&self.quantized[left], &self.quantized[right]) {
+                    (_, Some(Quantized::Constant(c))) => (left, c.clone()),
+                    (Some(Quantized::Constant(c)), _) => (right, c.clone()),
+                    _ => return Err("max or min of two computed values is not supported yet".into()),
+                };
+                let bound = f32_data(&c);
+                let Some(first) = bound.first().copied().filter(|f| bound.iter().all(|b| b == f)) else {
+                    return Err("max or min against a constant that varies is not supported yet".into());
+                };
+                let (input, scale) = self.activation(x)?;
+                let q = round_saturate(first / scale, ACTIVATION_MAX) as i32;
+                let max = ACTIVATION_MAX as i32;
+                let (low, high) = if op == BinaryOp::Max { (q, max) } else { (-max, q) };
+                let value = self.push(Instr::Clamp { input, low, high });
+                Ok(Quantized::Activation { value, scale })
+            }
+        }
+    }
+
+    /// A product with a constant 2-D operand becomes one `Dense`, with a following bias add folded in.
+    fn einsum(&mut self, index: usize, expr: &str) -> Result<Quantized, String> {
+        let graph = self.graph;
+        let node = &graph.nodes[index];
+        let parse = || -> Option<(String, String, String)> {
+            let (ins, out) = expr.split_once("->")?;
+            let (a, b) = ins.split_once(',')?;
+            Some((a.to_owned(), b.to_owned(), out.to_owned()))
+        };
+        let (a_axes, b_axes, out_axes) = parse().ok_or_else(|| format!("cannot read einsum expression {expr}"))?;
+        let (act, weights_value, act_axes, w_axes) =
+            match (&self.quantized[node.inputs[0]], &self.quantized[node.inputs[1]]) {
+                (_, Some(Quantized::Constant(_))) => (node.inputs[0], node.inputs[1], a_axes, b_axes),
+                (Some(Quantized::Constant(_)), _) => (node.inputs[1], node.inputs[0], b_axes, a_axes),
+                _ => return Err("a product of two computed values is not supported yet".into()),
+            };
+        let Some(Quantized::Constant(w)) = self.quantized[weights_value].clone() else {
+            return Err("weights are not constant".into());
+        };
+        let w_chars: Vec<char> = w_axes.chars().collect();
+        let [w0, w1] = w_chars[..] else {
+            return Err(format!("weights with axes '{w_axes}' are not a matrix"));
+        };
+        let k_axis = act_axes
+            .chars()
+            .last()
+            .filter(|c| (*c == w0 || *c == w1) && !out_axes.contains(*c))
+            .ok_or_else(|| format!("einsum {expr}: the contracted axis must be the last of the activation"))?;
+        let n_axis = if w0 == k_axis { w1 } else { w0 };
+        let expected_out: String = act_axes
+            .chars()
+            .filter(|c| *c != k_axis)
+            .chain(std::iter::once(n_axis))
+            .collect();
+        if out_axes != expected_out {
+            return Err(format!(
+                "einsum {expr}: output axes must be the activation's, then the weights'"
+            ));
+        }
+        let (rows, cols) = (w.shape()[0], w.shape()[1]);
+        let (k, n) = if w0 == k_axis { (rows, cols) } else { (cols, rows) };
+        let w_data = f32_data(&w);
+        let weight = |j: usize, kk: usize| {
+            if w0 == k_axis {
+                w_data[kk * cols + j]
+            } else {
+                w_data[j * cols + kk]
+            }
+        };
+
+        // A bias: the only reader is an Add with a constant that varies along the last axis only.
+        let mut output = node.output;
+        let mut bias = vec![0f64; n];
+        if let [reader] = self.readers[node.output][..] {
+            let add = &graph.nodes[reader];
+            if matches!(add.op, Op::Binary(BinaryOp::Add)) && !graph.outputs.contains(&node.output) {
+                let other = if add.inputs[0] == node.output {
+                    add.inputs[1]
+                } else {
+                    add.inputs[0]
+                };
+                if let Some(Quantized::Constant(b)) = &self.quantized[other] {
+                    let shape = b.shape();
+                    let along_last =
+                        shape.last().copied() == Some(n) && shape[..shape.len() - 1].iter().all(|d| *d == 1);
+                    if along_last && b.dtype() == DType::Float32 && add.inputs[0] != add.inputs[1] {
+                        bias = f32_data(b);
+                        output = add.output;
+                    }
+                }
+            }
+        }
+        let (input, scale_x) = self.activation(act)?;
+        let scale_y = self.scale_of(output);
+        let mut weights = Vec::with_capacity(n * k);
+        let mut bias_q = Vec::with_capacity(n);
+        let mut requant = Vec::with_capacity(n);
+        for (j, b) in bias.iter().enumerate() {
+            let amax = (0..k).fold(0f64, |m, kk| m.max(weight(j, kk).abs()));
+            let scale_w = if amax > 0.0 { amax / f64::from(WEIGHT_MAX) } else { 1.0 };
+            weights.extend((0..k).map(|kk| round_saturate(weight(j, kk) / scale_w, i64::from(WEIGHT_MAX)) as i8));
+            let accumulator = scale_x * scale_w;
+            bias_q.push(round_saturate(b / accumulator, i64::MAX / 4));
+            requant.push(Multiplier::from_f64(accumulator / scale_y));
+        }
+        let value = self.push(Instr::Dense {
+            input,
+            k: k as u32,
+            n: n as u32,
+            weights,
+            bias: bias_q,
+            requant,
+        });
+        let quantized = Quantized::Activation { value, scale: scale_y };
+        if output != node.output {
+            self.quantized[node.output] = Some(Quantized::Fused);
+            self.quantized[output] = Some(quantized.clone());
+        }
+        Ok(quantized)
+    }
+}
+
+/// The lookup table of `f` from input scale to output scale.
+fn lookup_table(op: UnaryOp, in_scale: f64, out_scale: f64) -> Vec<i32> {
+    (-ACTIVATION_MAX..=ACTIVATION_MAX)
+        .map(|q| round_saturate(op.eval(q as f64 * in_scale) / out_scale, ACTIVATION_MAX) as i32)
+        .collect()
+}

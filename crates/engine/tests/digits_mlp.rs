@@ -1,0 +1,203 @@
+//! The exact plan of a real trained classifier: accuracy against the float model, exactness
+//! across kernels and thread counts, a canonical plan encoding, and trace proofs.
+
+use std::path::PathBuf;
+
+use vouch_engine::{
+    ExecOptions, FloatModel, Plan, PlanLimits, TraceTree, build_plan, execute, execute_instr, load_onnx,
+};
+use vouch_tensor::{NamedTensor, TensorData, TensorLimits, read_tensor_file};
+
+fn fixture(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(path)
+}
+
+fn tensors(path: &str) -> Vec<NamedTensor> {
+    read_tensor_file(&fixture(path), &TensorLimits::default()).expect("fixture tensors")
+}
+
+fn named<'a>(tensors: &'a [NamedTensor], name: &str) -> &'a NamedTensor {
+    tensors
+        .iter()
+        .find(|t| t.name.as_deref() == Some(name))
+        .expect("named tensor")
+}
+
+fn argmax_rows(values: &[f32], width: usize) -> Vec<usize> {
+    values
+        .chunks(width)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |best, (i, v)| if *v > best.1 { (i, *v) } else { best })
+                .0
+        })
+        .collect()
+}
+
+fn plan_for(model_file: &str) -> (vouch_engine::LoadedModel, Plan) {
+    let bytes = std::fs::read(fixture(model_file)).expect("model");
+    let model = load_onnx(&bytes).expect("load");
+    let graph = model.to_ir().expect("ir");
+    let plan = build_plan(&model, &graph, &tensors("data/digits_calibration.npz")).expect("plan");
+    (model, plan)
+}
+
+#[test]
+fn exact_plan_agrees_with_the_float_model_on_held_out_digits() {
+    for model_file in ["models/digits_mlp_v1.onnx", "models/digits_mlp_v2.onnx"] {
+        let (model, plan) = plan_for(model_file);
+        let test = tensors("data/digits_test.npz");
+        let input = vec![named(&test, "input").clone()];
+        let TensorData::I64(labels) = named(&test, "label").tensor.data() else {
+            panic!("labels are int64");
+        };
+        let float = FloatModel::new(&model).expect("float").run(&input).expect("float run");
+        let exact = execute(&plan, &input, &ExecOptions::default()).expect("exact run");
+        let (TensorData::F32(f), TensorData::F32(e)) = (float[0].tensor.data(), exact.outputs[0].tensor.data()) else {
+            panic!("float outputs");
+        };
+        assert_eq!(float[0].tensor.shape(), exact.outputs[0].tensor.shape());
+        let (float_top, exact_top) = (argmax_rows(f, 10), argmax_rows(e, 10));
+        let agree = float_top.iter().zip(&exact_top).filter(|(a, b)| a == b).count();
+        let agreement = agree as f64 / float_top.len() as f64;
+        assert!(agreement >= 0.99, "{model_file}: top-1 agreement {agreement}");
+        let correct = exact_top.iter().zip(labels).filter(|(p, l)| **p as i64 == **l).count();
+        assert!(
+            correct as f64 / labels.len() as f64 > 0.95,
+            "{model_file}: exact accuracy"
+        );
+        let max_error = f.iter().zip(e).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let mean_error = f.iter().zip(e).map(|(a, b)| (a - b).abs()).sum::<f32>() / f.len() as f32;
+        // int8 weights move a logit by up to ~1% of its channel's largest weight; softmax turns
+        // that into at most a few hundredths of probability near a decision boundary.
+        assert!(
+            max_error < 0.05,
+            "{model_file}: probabilities differ by up to {max_error}"
+        );
+        assert!(
+            mean_error < 0.001,
+            "{model_file}: probabilities differ by {mean_error} on average"
+        );
+    }
+}
+
+#[test]
+fn plans_are_deterministic_and_canonical() {
+    let (_, first) = plan_for("models/digits_mlp_v1.onnx");
+    let (_, second) = plan_for("models/digits_mlp_v1.onnx");
+    assert_eq!(first.id(), second.id());
+    let bytes = first.encode();
+    let decoded = Plan::decode(&bytes, &PlanLimits::default()).expect("decode");
+    assert_eq!(decoded, first);
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(Plan::decode(&longer, &PlanLimits::default()).is_err());
+    for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+        assert!(
+            Plan::decode(&bytes[..cut], &PlanLimits::default()).is_err(),
+            "cut at {cut}"
+        );
+    }
+    let (_, other) = plan_for("models/digits_mlp_v2.onnx");
+    assert_ne!(other.id(), first.id());
+}
+
+#[test]
+fn every_kernel_and_thread_count_gives_the_same_trace() {
+    let (_, plan) = plan_for("models/digits_mlp_v2.onnx");
+    let test = tensors("data/digits_test.npz");
+    let input = vec![named(&test, "input").clone()];
+    let reference = execute(
+        &plan,
+        &input,
+        &ExecOptions {
+            threads: 1,
+            simd: false,
+            ..ExecOptions::default()
+        },
+    )
+    .expect("run");
+    let root = TraceTree::new(&reference.values).root();
+    for threads in [1, 2, 3, 8] {
+        for simd in [false, true] {
+            let options = ExecOptions {
+                threads,
+                simd,
+                ..ExecOptions::default()
+            };
+            let run = execute(&plan, &input, &options).expect("run");
+            assert_eq!(
+                TraceTree::new(&run.values).root(),
+                root,
+                "threads {threads} simd {simd}"
+            );
+            assert_eq!(run.outputs, reference.outputs);
+        }
+    }
+}
+
+#[test]
+fn any_value_proves_against_the_root_and_any_step_replays() {
+    let (_, plan) = plan_for("models/digits_mlp_v1.onnx");
+    let test = tensors("data/digits_test.npz");
+    let input = vec![named(&test, "input").clone()];
+    let run = execute(&plan, &input, &ExecOptions::default()).expect("run");
+    let tree = TraceTree::new(&run.values);
+    let root = tree.root();
+    for (index, value) in run.values.iter().enumerate() {
+        assert!(tree.prove(index).expect("proof").verify(&root, value));
+    }
+    let inputs = plan.inputs.len();
+    for (index, instr) in plan.instrs.iter().enumerate() {
+        // Operands are taken from the trace only after their proofs check out.
+        let operands: Vec<_> = instr
+            .inputs()
+            .iter()
+            .map(|v| {
+                let value = &run.values[*v as usize];
+                assert!(tree.prove(*v as usize).expect("proof").verify(&root, value));
+                value
+            })
+            .collect();
+        let replayed = execute_instr(&plan, index, &operands, &ExecOptions::default()).expect("replay");
+        assert_eq!(replayed, run.values[inputs + index], "instruction {index}");
+    }
+}
+
+#[test]
+fn wrong_inputs_are_named_with_what_was_expected() {
+    let (_, plan) = plan_for("models/digits_mlp_v1.onnx");
+    let test = tensors("data/digits_test.npz");
+    let good = named(&test, "input").clone();
+    let options = ExecOptions::default();
+
+    let mut renamed = good.clone();
+    renamed.name = Some("pixels".into());
+    let error = execute(&plan, &[renamed], &options)
+        .expect_err("unknown name")
+        .to_string();
+    assert!(
+        error.contains("input 'pixels'") && error.contains("'input' float32 [batch, 64]"),
+        "{error}"
+    );
+
+    let wrong_shape = NamedTensor {
+        name: Some("input".into()),
+        tensor: vouch_tensor::Tensor::new(vec![2, 32], TensorData::F32(vec![0.0; 64])).expect("tensor"),
+    };
+    let error = execute(&plan, &[wrong_shape], &options).expect_err("shape").to_string();
+    assert!(
+        error.contains("has shape [2, 32], expected float32 [batch, 64]"),
+        "{error}"
+    );
+
+    let wrong_type = NamedTensor {
+        name: Some("input".into()),
+        tensor: vouch_tensor::Tensor::new(vec![1, 64], TensorData::I64(vec![0; 64])).expect("tensor"),
+    };
+    let error = execute(&plan, &[wrong_type], &options).expect_err("dtype").to_string();
+    assert!(error.contains("has type int64, expected float32"), "{error}");
+}
