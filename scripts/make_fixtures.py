@@ -3,7 +3,7 @@
 
 Also writes the digits data the engine's tests use: `fixtures/data/digits_calibration.npz`
 (256 training samples, the publisher's calibration set) and `fixtures/data/digits_test.npz`
-(the 450 held-out samples and their labels).
+(the 450 held-out samples) with `digits_test_labels.npy`.
 
 Two multilayer perceptrons trained on scikit-learn's bundled 8x8 digits data set
 (BSD-3), exported as plain ONNX graphs (MatMul/Add/Relu/Softmax, opset 13, a
@@ -70,7 +70,8 @@ def main() -> None:
         print(f"{file_name}: hidden={hidden} seed={seed} held-out accuracy={accuracy:.4f}")
     DATA.mkdir(parents=True, exist_ok=True)
     np.savez(DATA / "digits_calibration.npz", input=x_train[:256])
-    np.savez(DATA / "digits_test.npz", input=x_test, label=y_test.astype(np.int64))
+    np.savez(DATA / "digits_test.npz", input=x_test)
+    np.save(DATA / "digits_test_labels.npy", y_test.astype(np.int64))
 
 
 if __name__ == "__main__":

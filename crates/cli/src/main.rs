@@ -1,4 +1,6 @@
-//! The `vouch` command: run a node, manage keys, and publish and fetch models.
+//! The `vouch` command: run a node, manage keys, publish and fetch models, and run them.
+
+mod run_model;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -49,6 +51,8 @@ enum Command {
     /// Store and fetch raw blobs.
     #[command(subcommand)]
     Blob(BlobCommand),
+    /// Run a model locally, in float32 or exactly (`--exact`).
+    Run(run_model::RunArgs),
 }
 
 #[derive(Debug, Args)]
@@ -196,6 +200,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Key(command) => run_key(&cli, command),
         Command::Model(command) => run_model(&cli, command).await,
         Command::Blob(command) => run_blob(&cli, command).await,
+        Command::Run(args) => run_model::run(&cli.node, cli.json, args).await,
     }
 }
 

@@ -159,34 +159,45 @@ pub fn execute_instr(
     run_instr(instr, operands, options).map_err(error)
 }
 
-fn describe(plan_shape: &[PlanDim], kind: InputKind) -> String {
-    let dims: Vec<String> = plan_shape
-        .iter()
-        .map(|d| match d {
-            PlanDim::Fixed(n) => n.to_string(),
-            PlanDim::Symbol(s) => s.clone(),
-        })
-        .collect();
-    let dtype = match kind {
-        InputKind::Quantized { .. } => "float32",
-        InputKind::Integer => "int64",
-    };
-    format!("{dtype} [{}]", dims.join(", "))
+/// What a model expects of one input: the checks both paths make before running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputSpec {
+    /// The input's name.
+    pub name: String,
+    /// Its element type (`int64` also accepts `int32`).
+    pub dtype: DType,
+    /// Its shape; symbols must agree across inputs.
+    pub shape: Vec<PlanDim>,
 }
 
-/// Matches named tensors to the plan's inputs and converts them to integers.
-fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, ExecError> {
-    let expected = || {
-        plan.inputs
+impl InputSpec {
+    fn describe(&self) -> String {
+        let dims: Vec<String> = self
+            .shape
             .iter()
-            .map(|i| format!("'{}' {}", i.name, describe(&i.shape, i.kind)))
+            .map(|d| match d {
+                PlanDim::Fixed(n) => n.to_string(),
+                PlanDim::Symbol(s) => s.clone(),
+            })
+            .collect();
+        format!("{} [{}]", vouch_tensor::dtype_name(self.dtype), dims.join(", "))
+    }
+}
+
+/// Matches named tensors to a model's inputs (an unnamed tensor fits a model with one input) and
+/// checks each one's type and shape, naming the input and what was expected when they differ.
+pub fn match_inputs<'a>(specs: &[InputSpec], inputs: &'a [NamedTensor]) -> Result<Vec<&'a Tensor>, ExecError> {
+    let expected = || {
+        specs
+            .iter()
+            .map(|i| format!("'{}' {}", i.name, i.describe()))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let unnamed_single = plan.inputs.len() == 1 && inputs.len() == 1 && inputs[0].name.is_none();
+    let unnamed_single = specs.len() == 1 && inputs.len() == 1 && inputs[0].name.is_none();
     for given in inputs {
         match &given.name {
-            Some(name) if !plan.inputs.iter().any(|i| &i.name == name) => {
+            Some(name) if !specs.iter().any(|i| &i.name == name) => {
                 return Err(ExecError::Input {
                     name: name.clone(),
                     reason: format!("the model has no such input; it takes {}", expected()),
@@ -205,8 +216,8 @@ fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, Exec
         }
     }
     let mut symbols: HashMap<&str, usize> = HashMap::new();
-    let mut values = Vec::with_capacity(plan.value_count());
-    for spec in &plan.inputs {
+    let mut bound = Vec::with_capacity(specs.len());
+    for spec in specs {
         let error = |reason: String| ExecError::Input {
             name: spec.name.clone(),
             reason,
@@ -217,22 +228,58 @@ fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, Exec
             inputs
                 .iter()
                 .find(|t| t.name.as_deref() == Some(spec.name.as_str()))
-                .ok_or_else(|| error(format!("missing; expected {}", describe(&spec.shape, spec.kind))))?
+                .ok_or_else(|| error(format!("missing; expected {}", spec.describe())))?
         };
         let tensor = &given.tensor;
-        let wanted = || describe(&spec.shape, spec.kind);
-        if tensor.shape().len() != spec.shape.len() {
-            return Err(error(format!("has shape {:?}, expected {}", tensor.shape(), wanted())));
+        let dtype_ok = tensor.dtype() == spec.dtype || (spec.dtype == DType::Int64 && tensor.dtype() == DType::Int32);
+        if !dtype_ok {
+            return Err(error(format!(
+                "has type {}, expected {}",
+                vouch_tensor::dtype_name(tensor.dtype()),
+                spec.describe()
+            )));
         }
-        for (dim, want) in tensor.shape().iter().zip(&spec.shape) {
-            let ok = match want {
+        let shape_ok = tensor.shape().len() == spec.shape.len()
+            && tensor.shape().iter().zip(&spec.shape).all(|(dim, want)| match want {
                 PlanDim::Fixed(n) => *dim as u64 == *n,
                 PlanDim::Symbol(s) => *symbols.entry(s.as_str()).or_insert(*dim) == *dim,
-            };
-            if !ok {
-                return Err(error(format!("has shape {:?}, expected {}", tensor.shape(), wanted())));
-            }
+            });
+        if !shape_ok {
+            return Err(error(format!(
+                "has shape {:?}, expected {}",
+                tensor.shape(),
+                spec.describe()
+            )));
         }
+        bound.push(tensor);
+    }
+    Ok(bound)
+}
+
+/// The checks a plan makes of its inputs.
+pub fn plan_input_specs(plan: &Plan) -> Vec<InputSpec> {
+    plan.inputs
+        .iter()
+        .map(|input| InputSpec {
+            name: input.name.clone(),
+            dtype: match input.kind {
+                InputKind::Quantized { .. } => DType::Float32,
+                InputKind::Integer => DType::Int64,
+            },
+            shape: input.shape.clone(),
+        })
+        .collect()
+}
+
+/// Matches named tensors to the plan's inputs and converts them to integers.
+fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, ExecError> {
+    let bound = match_inputs(&plan_input_specs(plan), inputs)?;
+    let mut values = Vec::with_capacity(plan.value_count());
+    for (spec, tensor) in plan.inputs.iter().zip(bound) {
+        let error = |reason: String| ExecError::Input {
+            name: spec.name.clone(),
+            reason,
+        };
         let data = match (spec.kind, tensor.data()) {
             (InputKind::Quantized { inverse_scale }, TensorData::F32(xs)) => {
                 if let Some(i) = xs.iter().position(|x| x.is_nan()) {
@@ -247,13 +294,7 @@ fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, Exec
                 .map(|x| i32::try_from(*x).map_err(|_| error(format!("element {x} does not fit in 32 bits"))))
                 .collect::<Result<_, _>>()?,
             (InputKind::Integer, TensorData::I32(xs)) => xs.clone(),
-            (_, _) => {
-                return Err(error(format!(
-                    "has type {}, expected {}",
-                    vouch_tensor::dtype_name(tensor.dtype()),
-                    wanted()
-                )));
-            }
+            (_, data) => return Err(error(format!("cannot take {data:?}"))),
         };
         values.push(ITensor {
             shape: tensor.shape().to_vec(),

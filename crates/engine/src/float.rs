@@ -7,14 +7,17 @@ use tract_onnx::prelude::{IntoRunnable, TValue, TVec, TypedModel, TypedRunnableM
 use vouch_tensor::{NamedTensor, TensorData};
 
 use crate::EngineError;
-use crate::import::{LoadedModel, tensor_from_tract};
+use crate::exec::{InputSpec, match_inputs};
+use crate::import::{LoadedModel, dtype_of, tensor_from_tract};
+use crate::plan::PlanDim;
 use crate::quantize::to_tract;
+use tract_onnx::tract_core::internal::DimLike;
 
 /// A model ready to run in float32.
 #[derive(Debug, Clone)]
 pub struct FloatModel {
     runnable: Arc<TypedRunnableModel>,
-    input_names: Vec<String>,
+    inputs: Vec<InputSpec>,
     output_names: Vec<String>,
 }
 
@@ -23,12 +26,30 @@ impl FloatModel {
     pub fn new(model: &LoadedModel) -> Result<Self, EngineError> {
         let typed: &TypedModel = &model.typed;
         let name_of = |outlet: &tract_onnx::prelude::OutletId| typed.node(outlet.node).name.clone();
-        let input_names = typed
+        let mut inputs = Vec::new();
+        for outlet in typed
             .input_outlets()
             .map_err(|e| EngineError::Import(format!("{e:#}")))?
-            .iter()
-            .map(name_of)
-            .collect();
+        {
+            let fact = typed
+                .outlet_fact(*outlet)
+                .map_err(|e| EngineError::Import(format!("{e:#}")))?;
+            let name = name_of(outlet);
+            let dtype = dtype_of(fact.datum_type).ok_or_else(|| EngineError::Unsupported {
+                op: "Input".into(),
+                node: name.clone(),
+                reason: format!("inputs of type {:?} are not supported", fact.datum_type),
+            })?;
+            let shape = fact
+                .shape
+                .iter()
+                .map(|d| match d.to_usize() {
+                    Ok(n) => PlanDim::Fixed(n as u64),
+                    Err(_) => PlanDim::Symbol(d.to_string()),
+                })
+                .collect();
+            inputs.push(InputSpec { name, dtype, shape });
+        }
         let output_names = typed
             .output_outlets()
             .map_err(|e| EngineError::Import(format!("{e:#}")))?
@@ -42,41 +63,24 @@ impl FloatModel {
             .map_err(|e| EngineError::Import(format!("{e:#}")))?;
         Ok(Self {
             runnable,
-            input_names,
+            inputs,
             output_names,
         })
     }
 
-    /// The input names, in the model's order.
-    pub fn input_names(&self) -> &[String] {
-        &self.input_names
+    /// What the model expects of its inputs, in the model's order.
+    pub fn inputs(&self) -> &[InputSpec] {
+        &self.inputs
     }
 
-    /// Runs the model. Inputs are matched by name (or the only tensor to the only input); tract
-    /// checks types and shapes against the model.
+    /// Runs the model. Inputs are matched by name (or the only tensor to the only input) and
+    /// checked against the model's types and shapes first.
     pub fn run(&self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>, EngineError> {
-        let mut bound: TVec<TValue> = TVec::new();
-        for name in &self.input_names {
-            let given = if self.input_names.len() == 1 && inputs.len() == 1 && inputs[0].name.is_none() {
-                &inputs[0]
-            } else {
-                inputs
-                    .iter()
-                    .find(|t| t.name.as_deref() == Some(name.as_str()))
-                    .ok_or_else(|| EngineError::Run(format!("input '{name}' is missing")))?
-            };
-            bound.push(to_tract(&given.tensor).map_err(EngineError::Run)?.into());
-        }
-        if let Some(extra) = inputs
-            .iter()
-            .filter_map(|t| t.name.as_ref())
-            .find(|n| !self.input_names.contains(n))
-        {
-            return Err(EngineError::Run(format!(
-                "input '{extra}': the model has no such input; it takes {}",
-                self.input_names.join(", ")
-            )));
-        }
+        let bound: TVec<TValue> = match_inputs(&self.inputs, inputs)?
+            .into_iter()
+            .map(|t| to_tract(t).map(TValue::from))
+            .collect::<Result<_, _>>()
+            .map_err(EngineError::Run)?;
         let outputs = self
             .runnable
             .run(bound)

@@ -134,11 +134,13 @@ impl LoadedModel {
     }
 }
 
-fn dtype_of(datum: DatumType) -> Option<DType> {
+pub(crate) fn dtype_of(datum: DatumType) -> Option<DType> {
     Some(match datum {
-        DatumType::F32 | DatumType::F16 | DatumType::F64 => DType::Float32,
-        DatumType::I64 => DType::Int64,
+        DatumType::F32 => DType::Float32,
+        DatumType::F64 => DType::Float64,
+        DatumType::I64 | DatumType::TDim => DType::Int64,
         DatumType::I32 => DType::Int32,
+        DatumType::I16 => DType::Int16,
         DatumType::I8 => DType::Int8,
         DatumType::U8 => DType::Uint8,
         DatumType::Bool => DType::Bool,
@@ -156,7 +158,7 @@ pub(crate) fn tensor_from_tract(tensor: &tract_onnx::prelude::Tensor) -> Result<
     } else if tensor.datum_type() == DatumType::Bool {
         let view = tensor.to_plain_array_view::<bool>().map_err(|e| format!("{e:#}"))?;
         TensorData::Bool(view.iter().copied().collect())
-    } else if tensor.datum_type().is_integer() {
+    } else if tensor.datum_type().is_integer() || tensor.datum_type() == DatumType::TDim {
         let cast = tensor.cast_to::<i64>().map_err(|e| format!("{e:#}"))?;
         let view = cast.to_plain_array_view::<i64>().map_err(|e| format!("{e:#}"))?;
         TensorData::I64(view.iter().copied().collect())

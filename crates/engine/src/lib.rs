@@ -14,7 +14,7 @@ pub mod plan;
 mod quantize;
 pub mod trace;
 
-pub use exec::{ExecError, ExecOptions, Execution, ITensor, execute, execute_instr};
+pub use exec::{ExecError, ExecOptions, Execution, ITensor, InputSpec, execute, execute_instr, match_inputs};
 pub use float::{FloatModel, float_elements};
 pub use import::{LoadedModel, load_onnx};
 pub use plan::{Plan, PlanLimits};

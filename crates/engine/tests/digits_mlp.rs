@@ -51,7 +51,8 @@ fn exact_plan_agrees_with_the_float_model_on_held_out_digits() {
         let (model, plan) = plan_for(model_file);
         let test = tensors("data/digits_test.npz");
         let input = vec![named(&test, "input").clone()];
-        let TensorData::I64(labels) = named(&test, "label").tensor.data() else {
+        let labels = tensors("data/digits_test_labels.npy");
+        let TensorData::I64(labels) = labels[0].tensor.data() else {
             panic!("labels are int64");
         };
         let float = FloatModel::new(&model).expect("float").run(&input).expect("float run");

@@ -81,7 +81,7 @@ pub fn read_tensor_file(path: &Path, limits: &TensorLimits) -> Result<Vec<NamedT
     })
 }
 
-/// Writes tensors to `.npy` (exactly one tensor) or `.npz`, as the extension says.
+/// Writes tensors to `.npy` or `.pb` (exactly one tensor), `.npz` or `.json`, as the extension says.
 pub fn write_tensor_file(path: &Path, tensors: &[NamedTensor]) -> Result<(), TensorError> {
     let bytes = match TensorFormat::from_path(path)? {
         TensorFormat::Npy => match tensors {
@@ -102,12 +102,19 @@ pub fn write_tensor_file(path: &Path, tensors: &[NamedTensor]) -> Result<(), Ten
             format: "JSON",
             reason: e.to_string(),
         })?,
-        TensorFormat::TensorProto => {
-            return Err(TensorError::Malformed {
-                format: "TensorProto",
-                reason: "writing .pb is not supported; write .npy or .npz".into(),
-            });
-        }
+        TensorFormat::TensorProto => match tensors {
+            [one] => crate::write_tensor_proto(one),
+            _ => {
+                return Err(TensorError::Malformed {
+                    format: "TensorProto",
+                    reason: format!(
+                        "{}: a .pb file holds one tensor but there are {}; write a .npz",
+                        path.display(),
+                        tensors.len()
+                    ),
+                });
+            }
+        },
     };
     std::fs::write(path, bytes).map_err(|source| TensorError::Io {
         path: path.display().to_string(),

@@ -17,7 +17,7 @@ pub use files::{TensorFormat, read_tensor_file, write_tensor_file};
 pub use json::{TensorsJson, from_json, from_json_value, to_json_value};
 pub use npy::{read_npy, write_npy};
 pub use npz::{read_npz, write_npz};
-pub use pb::read_tensor_proto;
+pub use pb::{read_tensor_proto, write_tensor_proto};
 pub use vouch_types::DType;
 
 /// Bounds on what a decoder accepts.

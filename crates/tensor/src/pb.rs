@@ -170,6 +170,34 @@ pub fn read_tensor_proto(bytes: &[u8], limits: &TensorLimits) -> Result<NamedTen
     })
 }
 
+/// Writes one tensor as a serialized `TensorProto` (dims, data_type, name, raw_data).
+pub fn write_tensor_proto(named: &NamedTensor) -> Vec<u8> {
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut out = Vec::new();
+    for dim in named.tensor.shape() {
+        out.push(0x08);
+        varint(*dim as u64, &mut out);
+    }
+    out.push(0x10);
+    varint(named.tensor.dtype().onnx_code() as u64, &mut out);
+    if let Some(name) = &named.name {
+        out.push(0x42);
+        varint(name.len() as u64, &mut out);
+        out.extend_from_slice(name.as_bytes());
+    }
+    let raw = named.tensor.data().to_le_bytes();
+    out.push(0x4a);
+    varint(raw.len() as u64, &mut out);
+    out.extend_from_slice(&raw);
+    out
+}
+
 fn typed_fields(
     dtype: DType,
     floats: Vec<f32>,
@@ -231,6 +259,11 @@ mod tests {
         bytes.extend_from_slice(&packed);
         let named = read_tensor_proto(&bytes, &TensorLimits::default()).expect("read");
         assert_eq!(named.tensor.data(), &TensorData::I64(vec![1, -1, 300]));
+        let written = write_tensor_proto(&named);
+        assert_eq!(
+            read_tensor_proto(&written, &TensorLimits::default()).expect("read"),
+            named
+        );
     }
 
     #[test]
