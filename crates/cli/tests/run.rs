@@ -46,9 +46,9 @@ struct Setup {
 }
 
 impl Setup {
-    /// `vouch run MODEL --input INPUT --exact --calibration CALIBRATION`.
-    fn exact(&self, input: &str) -> common::Run {
-        self.user.run(&[
+    /// `vouch run MODEL --input INPUT --exact --calibration CALIBRATION EXTRA..`.
+    fn exact_with(&self, input: &str, extra: &[&str]) -> common::Run {
+        let mut args = vec![
             "run",
             &self.model,
             "--input",
@@ -56,7 +56,13 @@ impl Setup {
             "--exact",
             "--calibration",
             &self.calibration,
-        ])
+        ];
+        args.extend_from_slice(extra);
+        self.user.run(&args)
+    }
+
+    fn exact(&self, input: &str) -> common::Run {
+        self.exact_with(input, &[])
     }
 }
 
