@@ -23,16 +23,57 @@ pub struct LoadedModel {
 }
 
 /// Parses an ONNX model and runs tract's shape inference and decluttering on it.
+///
+/// Model files come from users and peers, so this never panics: the graph is checked for what
+/// tract assumes (every output is produced by something), and any panic left inside tract on a
+/// malformed model is caught and returned as an import error.
 pub fn load_onnx(model_bytes: &[u8]) -> Result<LoadedModel, EngineError> {
-    let mut reader = model_bytes;
-    let inference = onnx()
-        .model_for_read(&mut reader)
-        .map_err(|e| EngineError::NotOnnx(format!("{e:#}")))?;
-    let typed = inference
-        .into_typed()
-        .and_then(|m| m.into_decluttered())
-        .map_err(|e| EngineError::Import(format!("{e:#}")))?;
-    Ok(LoadedModel { typed })
+    let load = || -> Result<LoadedModel, EngineError> {
+        let mut reader = model_bytes;
+        let framework = onnx();
+        let proto = framework
+            .proto_model_for_read(&mut reader)
+            .map_err(|e| EngineError::NotOnnx(format!("{e:#}")))?;
+        check_graph(&proto)?;
+        let inference = framework
+            .model_for_proto_model(&proto)
+            .map_err(|e| EngineError::NotOnnx(format!("{e:#}")))?;
+        let typed = inference
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| EngineError::Import(format!("{e:#}")))?;
+        Ok(LoadedModel { typed })
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "unknown reason".into());
+        Err(EngineError::Import(format!(
+            "the ONNX importer failed on this model: {reason}"
+        )))
+    })
+}
+
+/// Checks that every graph output names a value the graph has.
+fn check_graph(proto: &tract_onnx::pb::ModelProto) -> Result<(), EngineError> {
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| EngineError::NotOnnx("the model has no graph".into()))?;
+    let produced = |name: &str| {
+        graph.input.iter().any(|i| i.name == name)
+            || graph.initializer.iter().any(|t| t.name == name)
+            || graph.node.iter().any(|n| n.output.iter().any(|o| o == name))
+    };
+    if let Some(output) = graph.output.iter().find(|o| !produced(&o.name)) {
+        return Err(EngineError::NotOnnx(format!(
+            "graph output '{}' is not produced by any node, input or initializer",
+            output.name
+        )));
+    }
+    Ok(())
 }
 
 impl LoadedModel {

@@ -202,3 +202,13 @@ fn wrong_inputs_are_named_with_what_was_expected() {
     let error = execute(&plan, &[wrong_type], &options).expect_err("dtype").to_string();
     assert!(error.contains("has type int64, expected float32"), "{error}");
 }
+
+#[test]
+fn malformed_models_are_errors_not_panics() {
+    // Found by the onnx_import fuzz target: a graph output that nothing produces made tract panic.
+    let bytes = std::fs::read(fixture("regressions/onnx_dangling_output.onnx")).expect("fixture");
+    let error = load_onnx(&bytes).expect_err("malformed");
+    assert!(error.to_string().contains("not produced"), "{error}");
+    assert!(load_onnx(b"\x08\x07garbage").is_err());
+    assert!(load_onnx(&[]).is_err());
+}
