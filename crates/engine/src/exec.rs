@@ -646,14 +646,6 @@ fn reshape(x: &ITensor, at: usize, from_rank: usize, to: &[u64]) -> Result<ITens
     })
 }
 
-/// Converts plan outputs' dtypes to names, for messages.
-pub fn output_dtype(kind: OutputKind) -> DType {
-    match kind {
-        OutputKind::Dequantized { .. } => DType::Float32,
-        OutputKind::Integer => DType::Int64,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tract_onnx::prelude::{IntoRunnable, TValue, TVec, TypedModel, TypedRunnableModel};
-use vouch_tensor::{NamedTensor, TensorData};
+use vouch_tensor::NamedTensor;
 
 use crate::EngineError;
 use crate::exec::{InputSpec, match_inputs};
@@ -96,13 +96,5 @@ impl FloatModel {
                 })
             })
             .collect()
-    }
-}
-
-/// The float32 elements of a tensor, for comparisons.
-pub fn float_elements(data: &TensorData) -> Option<&[f32]> {
-    match data {
-        TensorData::F32(v) => Some(v),
-        _ => None,
     }
 }

@@ -124,7 +124,7 @@ impl LoadedModel {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let op = convert_op(model, node, &inputs).map_err(unsupported)?;
+            let op = convert_op(node).map_err(unsupported)?;
             let value = graph.values.len();
             if let Op::Input(_) = op {
                 graph.inputs.push(value);
@@ -143,34 +143,24 @@ impl LoadedModel {
             });
             by_outlet.insert(OutletId::new(node_id, 0), value);
         }
+        let values_of = |outlets: TractResult<&[OutletId]>, what: &str| -> Result<Vec<ValueId>, EngineError> {
+            let outlets = outlets.map_err(|e| EngineError::Import(format!("{e:#}")))?;
+            outlets
+                .iter()
+                .map(|outlet| {
+                    by_outlet
+                        .get(outlet)
+                        .copied()
+                        .ok_or_else(|| EngineError::Import(format!("an {what} is not imported")))
+                })
+                .collect()
+        };
         // Inputs are numbered in the model's order, which eval order need not follow.
-        let model_inputs = model
-            .input_outlets()
-            .map_err(|e| EngineError::Import(format!("{e:#}")))?;
-        graph.inputs = model_inputs
-            .iter()
-            .map(|outlet| {
-                by_outlet
-                    .get(outlet)
-                    .copied()
-                    .ok_or_else(|| EngineError::Import("an input is not imported".into()))
-            })
-            .collect::<Result<_, _>>()?;
+        graph.inputs = values_of(model.input_outlets(), "input")?;
+        graph.outputs = values_of(model.output_outlets(), "output")?;
         for (index, value) in graph.inputs.iter().enumerate() {
             graph.nodes[*value].op = Op::Input(index);
         }
-        let model_outputs = model
-            .output_outlets()
-            .map_err(|e| EngineError::Import(format!("{e:#}")))?;
-        graph.outputs = model_outputs
-            .iter()
-            .map(|outlet| {
-                by_outlet
-                    .get(outlet)
-                    .copied()
-                    .ok_or_else(|| EngineError::Import("an output is not imported".into()))
-            })
-            .collect::<Result<_, _>>()?;
         Ok(graph)
     }
 }
@@ -209,8 +199,7 @@ pub(crate) fn tensor_from_tract(tensor: &tract_onnx::prelude::Tensor) -> Result<
     Tensor::new(shape, data).map_err(|e| e.to_string())
 }
 
-fn convert_op(model: &TypedModel, node: &TypedNode, inputs: &[ValueId]) -> Result<Op, String> {
-    let _ = (model, inputs);
+fn convert_op(node: &TypedNode) -> Result<Op, String> {
     if node.op_as::<TypedSource>().is_some() {
         return Ok(Op::Input(0));
     }

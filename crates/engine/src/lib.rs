@@ -15,7 +15,7 @@ mod quantize;
 pub mod trace;
 
 pub use exec::{ExecError, ExecOptions, Execution, ITensor, InputSpec, execute, execute_instr, match_inputs};
-pub use float::{FloatModel, float_elements};
+pub use float::FloatModel;
 pub use import::{LoadedModel, load_onnx};
 pub use plan::{Plan, PlanLimits};
 pub use quantize::build_plan;
