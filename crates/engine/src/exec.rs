@@ -671,6 +671,41 @@ mod tests {
     }
 
     #[test]
+    fn products_refuse_operands_outside_the_activation_range() {
+        // Only a hostile plan feeds such values to a product; no kernel may compute them.
+        let x = ITensor {
+            shape: vec![1, 2],
+            data: vec![40_000, 1],
+        };
+        let one = Multiplier { m: 1 << 30, shift: 30 };
+        let error = dense(&x, 2, 1, &[1, 1], &[0], &[one], &ExecOptions::default()).expect_err("refused");
+        assert!(error.contains("outside the activation range"), "{error}");
+    }
+
+    #[test]
+    fn nan_inputs_are_refused() {
+        let plan = Plan {
+            inputs: vec![crate::plan::PlanInput {
+                name: "x".into(),
+                kind: InputKind::Quantized {
+                    inverse_scale: Multiplier { m: 1 << 30, shift: 30 },
+                },
+                shape: vec![PlanDim::Fixed(2)],
+            }],
+            instrs: vec![],
+            outputs: vec![],
+        };
+        let input = NamedTensor {
+            name: None,
+            tensor: Tensor::new(vec![2], TensorData::F32(vec![1.0, f32::NAN])).expect("tensor"),
+        };
+        let error = execute(&plan, &[input], &ExecOptions::default())
+            .expect_err("NaN")
+            .to_string();
+        assert!(error.contains("input 'x': element 1 is NaN"), "{error}");
+    }
+
+    #[test]
     fn move_axis_transposes() {
         let x = ITensor {
             shape: vec![2, 3],

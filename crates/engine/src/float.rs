@@ -8,9 +8,8 @@ use vouch_tensor::NamedTensor;
 
 use crate::EngineError;
 use crate::exec::{InputSpec, match_inputs};
-use crate::import::{LoadedModel, dtype_of, tensor_from_tract};
+use crate::import::{LoadedModel, dtype_of, tensor_from_tract, to_tract};
 use crate::plan::PlanDim;
-use crate::quantize::to_tract;
 use tract_onnx::tract_core::internal::DimLike;
 
 /// A model ready to run in float32.

@@ -199,6 +199,23 @@ pub(crate) fn tensor_from_tract(tensor: &tract_onnx::prelude::Tensor) -> Result<
     Tensor::new(shape, data).map_err(|e| e.to_string())
 }
 
+/// A Vouch tensor as a tract tensor.
+pub(crate) fn to_tract(tensor: &Tensor) -> Result<tract_onnx::prelude::Tensor, String> {
+    use tract_onnx::prelude::Tensor as T;
+    let shape = tensor.shape();
+    let result = match tensor.data() {
+        TensorData::F32(v) => T::from_shape(shape, v),
+        TensorData::F64(v) => T::from_shape(shape, v),
+        TensorData::I8(v) => T::from_shape(shape, v),
+        TensorData::U8(v) => T::from_shape(shape, v),
+        TensorData::I16(v) => T::from_shape(shape, v),
+        TensorData::I32(v) => T::from_shape(shape, v),
+        TensorData::I64(v) => T::from_shape(shape, v),
+        TensorData::Bool(v) => T::from_shape(shape, v),
+    };
+    result.map_err(|e| format!("{e:#}"))
+}
+
 fn convert_op(node: &TypedNode) -> Result<Op, String> {
     if node.op_as::<TypedSource>().is_some() {
         return Ok(Op::Input(0));

@@ -613,3 +613,58 @@ fn decode_plan(bytes: &[u8], limits: &PlanLimits) -> Result<Plan, CodecError> {
         outputs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_with(instrs: Vec<Instr>, output: PlanValue) -> Plan {
+        Plan {
+            inputs: vec![PlanInput {
+                name: "x".into(),
+                kind: InputKind::Integer,
+                shape: vec![PlanDim::Symbol("batch".into())],
+            }],
+            instrs,
+            outputs: vec![PlanOutput {
+                name: "y".into(),
+                value: output,
+                kind: OutputKind::Integer,
+            }],
+        }
+    }
+
+    #[test]
+    fn decoding_refuses_reads_of_values_not_yet_computed() {
+        let clamp = |input| Instr::Clamp { input, low: 0, high: 5 };
+        let good = plan_with(vec![clamp(0), clamp(1)], 2);
+        assert_eq!(
+            Plan::decode(&good.encode(), &PlanLimits::default()).expect("decode"),
+            good
+        );
+        let forward = plan_with(vec![clamp(2), clamp(1)], 2);
+        assert!(Plan::decode(&forward.encode(), &PlanLimits::default()).is_err());
+        let missing_output = plan_with(vec![clamp(0)], 5);
+        assert!(Plan::decode(&missing_output.encode(), &PlanLimits::default()).is_err());
+    }
+
+    #[test]
+    fn decoding_respects_limits() {
+        let plan = plan_with(
+            vec![
+                Instr::Clamp {
+                    input: 0,
+                    low: 0,
+                    high: 1
+                };
+                3
+            ],
+            1,
+        );
+        let limits = PlanLimits {
+            max_instrs: 2,
+            ..PlanLimits::default()
+        };
+        assert!(Plan::decode(&plan.encode(), &limits).is_err());
+    }
+}

@@ -13,7 +13,7 @@ use vouch_tensor::{DType, NamedTensor, Tensor, TensorData};
 use crate::EngineError;
 use crate::exec::LOOKUP_ENTRIES;
 use crate::fixed::{ACTIVATION_MAX, Multiplier, WEIGHT_MAX};
-use crate::import::LoadedModel;
+use crate::import::{LoadedModel, to_tract};
 use crate::ir::{BinaryOp, DimFact, Graph, Op, UnaryOp, ValueId};
 use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim, PlanInput, PlanOutput, PlanValue};
 
@@ -101,7 +101,11 @@ fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) ->
         let end = (start + batch).min(samples);
         let inputs: TVec<TValue> = bound
             .iter()
-            .map(|t| to_tract(&slice_rows(t, start, end)).map(TValue::from))
+            .map(|t| {
+                slice_rows(t, start, end)
+                    .and_then(|rows| to_tract(&rows))
+                    .map(TValue::from)
+            })
             .collect::<Result<_, _>>()
             .map_err(bad)?;
         let outputs = runnable
@@ -121,7 +125,7 @@ fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) ->
 }
 
 /// Rows `start..end` along axis 0.
-fn slice_rows(tensor: &Tensor, start: usize, end: usize) -> Tensor {
+fn slice_rows(tensor: &Tensor, start: usize, end: usize) -> Result<Tensor, String> {
     let row: usize = tensor.shape()[1..].iter().product();
     let mut shape = tensor.shape().to_vec();
     shape[0] = end - start;
@@ -136,25 +140,7 @@ fn slice_rows(tensor: &Tensor, start: usize, end: usize) -> Tensor {
         TensorData::I64(v) => TensorData::I64(v[a..b].to_vec()),
         TensorData::Bool(v) => TensorData::Bool(v[a..b].to_vec()),
     };
-    // The slice has exactly (end - start) * row elements by construction.
-    Tensor::new(shape, data).unwrap_or_else(|_| tensor.clone())
-}
-
-/// A Vouch tensor as a tract tensor.
-pub(crate) fn to_tract(tensor: &Tensor) -> Result<tract_onnx::prelude::Tensor, String> {
-    use tract_onnx::prelude::Tensor as T;
-    let shape = tensor.shape();
-    let result = match tensor.data() {
-        TensorData::F32(v) => T::from_shape(shape, v),
-        TensorData::F64(v) => T::from_shape(shape, v),
-        TensorData::I8(v) => T::from_shape(shape, v),
-        TensorData::U8(v) => T::from_shape(shape, v),
-        TensorData::I16(v) => T::from_shape(shape, v),
-        TensorData::I32(v) => T::from_shape(shape, v),
-        TensorData::I64(v) => T::from_shape(shape, v),
-        TensorData::Bool(v) => T::from_shape(shape, v),
-    };
-    result.map_err(|e| format!("{e:#}"))
+    Tensor::new(shape, data).map_err(|e| e.to_string())
 }
 
 fn f32_data(tensor: &Tensor) -> Vec<f64> {
