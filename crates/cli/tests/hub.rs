@@ -337,6 +337,7 @@ async fn malformed_and_dishonest_manifests_are_refused() {
             blob,
             size,
         }],
+        plans: Vec::new(),
         inputs: schema.inputs.clone(),
         outputs: schema.outputs.clone(),
         license: None,

@@ -213,6 +213,18 @@ macro_rules! fixed_bytes {
     };
 }
 
+/// A 32-byte BLAKE3 digest (a tensor hash, a trace root, a request hash), written as hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest([u8; 32]);
+fixed_bytes!(Digest, 32);
+
+impl Digest {
+    /// [`domain_hash`] of `message` under `domain`.
+    pub fn of(domain: &str, message: &[u8]) -> Self {
+        Self(domain_hash(domain, message))
+    }
+}
+
 /// An ed25519 public key: a publisher's or a node's identity.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublicKey([u8; 32]);

@@ -2,8 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use vouch_crypto::PublicKey;
+
 use crate::ids::{BlobId, ModelId};
 use crate::manifest::Manifest;
+use crate::receipt::{Receipt, VerifyLevel};
 
 /// The body of every error response: `{"error":{"code":…,"message":…}}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,4 +63,28 @@ pub struct Health {
     pub status: String,
     /// The node's software version.
     pub version: String,
+    /// The key the node signs receipts with.
+    pub node_key: PublicKey,
+}
+
+/// `POST /v1/infer`: run a model on the node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InferRequest {
+    /// A model id, `name@version` or `name`.
+    pub model: String,
+    /// The inputs, as tensor JSON: `{"name": {"shape": [...], "dtype": "...", "data": [...]}}`.
+    pub inputs: serde_json::Value,
+    /// `reexec` (the node runs the exact plan and says which, with its trace root) or `none`.
+    pub verify: VerifyLevel,
+    /// Chosen by the requester so that the receipt answers this request and no other.
+    pub nonce: u64,
+}
+
+/// The answer to an inference.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InferResponse {
+    /// The outputs, as tensor JSON.
+    pub outputs: serde_json::Value,
+    /// The node's signed receipt.
+    pub receipt: Receipt,
 }

@@ -3,7 +3,8 @@
 //! Layout (commonware-codec: big-endian integers, varint lengths):
 //!
 //! ```text
-//! format_version u8 (= 1) | name str | version str | format u8 | files vec<path str, blob 32B, size u64>
+//! format_version u8 (1, or 2 with plans) | name str | version str | format u8
+//! | files vec<path str, blob 32B, size u64> | [v2: plans vec<blob 32B, size u64>]
 //! | inputs vec<TensorSpec> | outputs vec<TensorSpec> | license option<str> | description str
 //! | publisher 32B | signature 64B
 //! TensorSpec = name str | dtype u8 (ONNX TensorProto.DataType) | shape vec<Dim>
@@ -12,6 +13,9 @@
 //!
 //! The signature covers every byte before it, under the `"manifest"` domain. The model id is the
 //! BLAKE3 CID of the whole encoding, signature included.
+//!
+//! A manifest without exact plans is written in format 1 and one with plans in format 2, so each
+//! manifest still has exactly one encoding and a model published before plans existed keeps its id.
 
 use std::fmt;
 
@@ -28,8 +32,10 @@ use crate::name::{MAX_NAME_BYTES, MAX_VERSION_BYTES, ModelName, NameError, Versi
 
 /// The signature domain of manifests.
 pub const MANIFEST_DOMAIN: &str = "manifest";
-/// The manifest encoding this code writes.
+/// The manifest encoding of a model without exact plans.
 pub const MANIFEST_FORMAT_VERSION: u8 = 1;
+/// The manifest encoding of a model with exact plans.
+pub const MANIFEST_FORMAT_VERSION_WITH_PLANS: u8 = 2;
 
 /// Limits on a manifest's contents, enforced while decoding.
 #[derive(Debug, Clone)]
@@ -38,6 +44,8 @@ pub struct ManifestLimits {
     pub max_encoded_bytes: usize,
     /// Most files in one model.
     pub max_files: usize,
+    /// Most exact plans in one model.
+    pub max_plans: usize,
     /// Longest file path, in bytes.
     pub max_path_bytes: usize,
     /// Most inputs, and most outputs.
@@ -59,6 +67,7 @@ impl Default for ManifestLimits {
         Self {
             max_encoded_bytes: 1 << 20,
             max_files: 16,
+            max_plans: 8,
             max_path_bytes: 256,
             max_tensors: 1024,
             max_tensor_name_bytes: 256,
@@ -222,6 +231,16 @@ pub struct ModelFile {
     pub size: u64,
 }
 
+/// An exact plan of a model: the integer program its publisher derived from the model and
+/// calibration data, stored as a blob whose id is the plan id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRef {
+    /// The plan id: the blob holding the plan's canonical encoding.
+    pub id: BlobId,
+    /// The encoding's size in bytes.
+    pub size: u64,
+}
+
 /// What a publisher signs: everything in a manifest but the signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestBody {
@@ -233,6 +252,9 @@ pub struct ManifestBody {
     pub format: ModelFormat,
     /// The model's files.
     pub files: Vec<ModelFile>,
+    /// The model's exact plans; the first is the one verifiers re-execute by default.
+    #[serde(default)]
+    pub plans: Vec<PlanRef>,
     /// The model's inputs, as read from the model file.
     pub inputs: Vec<TensorSpec>,
     /// The model's outputs, as read from the model file.
@@ -306,7 +328,12 @@ impl ManifestBody {
     /// The canonical encoding that the publisher signs.
     pub fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(256);
-        MANIFEST_FORMAT_VERSION.write(&mut buf);
+        let format_version = if self.plans.is_empty() {
+            MANIFEST_FORMAT_VERSION
+        } else {
+            MANIFEST_FORMAT_VERSION_WITH_PLANS
+        };
+        format_version.write(&mut buf);
         write_str(self.name.as_str(), &mut buf);
         write_str(self.version.as_str(), &mut buf);
         self.format.tag().write(&mut buf);
@@ -315,6 +342,12 @@ impl ManifestBody {
             file.blob.write(buf);
             file.size.write(buf);
         });
+        if !self.plans.is_empty() {
+            write_vec(&self.plans, &mut buf, |plan, buf| {
+                plan.id.write(buf);
+                plan.size.write(buf);
+            });
+        }
         write_vec(&self.inputs, &mut buf, write_spec);
         write_vec(&self.outputs, &mut buf, write_spec);
         self.license.is_some().write(&mut buf);
@@ -377,6 +410,18 @@ impl ManifestBody {
             }
             if self.files[..i].iter().any(|other| other.path == file.path) {
                 return invalid(format!("file path '{}' appears twice", file.path));
+            }
+        }
+        if self.plans.len() > limits.max_plans {
+            return invalid(format!(
+                "{} exact plans, more than the limit of {}",
+                self.plans.len(),
+                limits.max_plans
+            ));
+        }
+        for (i, plan) in self.plans.iter().enumerate() {
+            if self.plans[..i].iter().any(|other| other.id == plan.id) {
+                return invalid(format!("exact plan {} appears twice", plan.id));
             }
         }
         for (side, specs) in [("input", &self.inputs), ("output", &self.outputs)] {
@@ -448,7 +493,7 @@ impl Manifest {
 
     fn read(mut buf: Bytes, limits: &ManifestLimits) -> Result<Self, CodecError> {
         let format_version = u8::read(&mut buf)?;
-        if format_version != MANIFEST_FORMAT_VERSION {
+        if format_version != MANIFEST_FORMAT_VERSION && format_version != MANIFEST_FORMAT_VERSION_WITH_PLANS {
             return Err(CodecError::Invalid("manifest", "unknown format version"));
         }
         let name = read_str(&mut buf, MAX_NAME_BYTES, "name")?
@@ -465,6 +510,21 @@ impl Manifest {
                 size: u64::read(buf)?,
             })
         })?;
+        let plans = if format_version == MANIFEST_FORMAT_VERSION_WITH_PLANS {
+            let plans = read_vec(&mut buf, limits.max_plans, |buf| {
+                Ok(PlanRef {
+                    id: BlobId::read(buf)?,
+                    size: u64::read(buf)?,
+                })
+            })?;
+            // Format 2 exists to carry plans; an empty list has its canonical form in format 1.
+            if plans.is_empty() {
+                return Err(CodecError::Invalid("manifest", "format 2 with no plans"));
+            }
+            plans
+        } else {
+            Vec::new()
+        };
         let inputs = read_vec(&mut buf, limits.max_tensors, |buf| read_spec(buf, limits))?;
         let outputs = read_vec(&mut buf, limits.max_tensors, |buf| read_spec(buf, limits))?;
         let license = if bool::read(&mut buf)? {
@@ -484,6 +544,7 @@ impl Manifest {
                 version,
                 format,
                 files,
+                plans,
                 inputs,
                 outputs,
                 license,
@@ -509,6 +570,7 @@ mod tests {
                 blob: BlobId::of(b"onnx bytes"),
                 size: 10,
             }],
+            plans: Vec::new(),
             inputs: vec![TensorSpec {
                 name: "input".into(),
                 dtype: DType::Float32,
@@ -547,6 +609,55 @@ mod tests {
                 "byte {i} flipped was accepted"
             );
         }
+    }
+
+    #[test]
+    fn manifests_with_plans_use_format_2_and_round_trip() {
+        let key = SecretKey::from_seed([9; 32]);
+        let without = sample(&key).sign(&key).expect("sign");
+        assert_eq!(without.encode()[0], MANIFEST_FORMAT_VERSION);
+        let mut body = sample(&key);
+        body.plans = vec![PlanRef {
+            id: BlobId::of(b"plan bytes"),
+            size: 10,
+        }];
+        let with = body.sign(&key).expect("sign");
+        let bytes = with.encode();
+        assert_eq!(bytes[0], MANIFEST_FORMAT_VERSION_WITH_PLANS);
+        let decoded = Manifest::decode(&bytes, &ManifestLimits::default()).expect("decodes");
+        assert_eq!(decoded, with);
+        assert_ne!(decoded.id(), without.id());
+    }
+
+    #[test]
+    fn format_2_without_plans_and_repeated_plans_are_refused() {
+        let key = SecretKey::from_seed([9; 32]);
+        // Format 2 with an empty plan list: a second encoding of a plan-less manifest.
+        let body = sample(&key);
+        let mut encoded = body.encode();
+        encoded[0] = MANIFEST_FORMAT_VERSION_WITH_PLANS;
+        let mut specs = Vec::new();
+        write_vec(&body.inputs, &mut specs, write_spec);
+        write_vec(&body.outputs, &mut specs, write_spec);
+        let files_end = encoded
+            .windows(specs.len())
+            .position(|w| w == specs.as_slice())
+            .expect("the specs follow the files");
+        encoded.insert(files_end, 0);
+        let signature = key.sign(MANIFEST_DOMAIN, &encoded);
+        let mut bytes = encoded;
+        signature.write(&mut bytes);
+        assert!(matches!(
+            Manifest::decode(&bytes, &ManifestLimits::default()),
+            Err(ManifestError::Malformed(_))
+        ));
+        let mut twice = sample(&key);
+        let plan = PlanRef {
+            id: BlobId::of(b"plan"),
+            size: 4,
+        };
+        twice.plans = vec![plan.clone(), plan];
+        assert!(twice.validate(&ManifestLimits::default()).is_err());
     }
 
     #[test]

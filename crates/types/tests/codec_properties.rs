@@ -2,7 +2,9 @@
 
 use proptest::prelude::*;
 use vouch_crypto::SecretKey;
-use vouch_types::{BlobId, DType, Dim, Manifest, ManifestBody, ManifestLimits, ModelFile, ModelFormat, TensorSpec};
+use vouch_types::{
+    BlobId, DType, Dim, Manifest, ManifestBody, ManifestLimits, ModelFile, ModelFormat, PlanRef, TensorSpec,
+};
 
 fn dim() -> impl Strategy<Value = Dim> {
     prop_oneof![
@@ -44,6 +46,7 @@ prop_compose! {
         path in "[a-z0-9_-]{1,12}(/[a-z0-9_-]{1,12}){0,2}\\.onnx",
         file_bytes in proptest::collection::vec(any::<u8>(), 0..64),
         size in any::<u64>(),
+        plan_seeds in proptest::collection::btree_set(any::<u64>(), 0..3),
         inputs in proptest::collection::vec(spec(), 0..5),
         outputs in proptest::collection::vec(spec(), 0..5),
         license in proptest::option::of("[A-Za-z0-9.-]{1,20}"),
@@ -55,6 +58,10 @@ prop_compose! {
             version: version.parse().expect("generated version is valid"),
             format: ModelFormat::Onnx,
             files: vec![ModelFile { path, blob: BlobId::of(&file_bytes), size }],
+            plans: plan_seeds
+                .into_iter()
+                .map(|seed| PlanRef { id: BlobId::of(&seed.to_le_bytes()), size: seed })
+                .collect(),
             inputs: unique_by_name(inputs),
             outputs: unique_by_name(outputs),
             license,
