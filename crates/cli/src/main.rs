@@ -1,5 +1,6 @@
 //! The `vouch` command: run a node, manage keys, publish and fetch models, and run them.
 
+mod receipts;
 mod run_model;
 
 use std::io::IsTerminal;
@@ -16,7 +17,7 @@ use vouch_client::{Client, Progress};
 use vouch_crypto::SecretKey;
 use vouch_node::{NodeConfig, NodeLimits};
 use vouch_types::api::{BlobInfo, ModelView};
-use vouch_types::{BlobId, Manifest, ManifestBody, ModelFile, ModelFormat, ModelName, ModelRef, Version};
+use vouch_types::{BlobId, Manifest, ManifestBody, ModelFile, ModelFormat, ModelName, ModelRef, PlanRef, Version};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +54,10 @@ enum Command {
     Blob(BlobCommand),
     /// Run a model locally, in float32 or exactly (`--exact`).
     Run(run_model::RunArgs),
+    /// Run a model on the node; check its signed receipt, and re-execute the plan (`reexec`).
+    Infer(receipts::InferArgs),
+    /// Check a receipt: its signature, its model and plan, and (with --input) by re-execution.
+    Verify(receipts::VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +134,10 @@ struct PushArgs {
     /// Free-text description.
     #[arg(long, default_value = "")]
     description: String,
+    /// Calibration inputs (.npz, samples stacked on axis 0): build the model's exact plan from
+    /// them, upload it, and list it in the manifest, so that answers can be re-executed.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +210,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Model(command) => run_model(&cli, command).await,
         Command::Blob(command) => run_blob(&cli, command).await,
         Command::Run(args) => run_model::run(&cli.node, cli.json, args).await,
+        Command::Infer(args) => receipts::infer(&cli.node, cli.json, args).await,
+        Command::Verify(args) => receipts::verify(&cli.node, cli.json, args).await,
     }
 }
 
@@ -279,6 +290,7 @@ fn onnx_manifest(
     args: &PushArgs,
     schema: vouch_engine::ModelSchema,
     uploaded: &BlobInfo,
+    plans: Vec<PlanRef>,
     key: &SecretKey,
 ) -> Result<Manifest> {
     let file_name = args
@@ -297,6 +309,7 @@ fn onnx_manifest(
             blob: uploaded.id,
             size: uploaded.size,
         }],
+        plans,
         inputs: schema.inputs,
         outputs: schema.outputs,
         license: args.license.clone(),
@@ -305,6 +318,13 @@ fn onnx_manifest(
     };
     body.validate(&Default::default())?;
     Ok(body.sign(key)?)
+}
+
+/// Calibrates and quantizes an ONNX model into its exact plan.
+fn build_exact_plan(model_bytes: &[u8], calibration: &std::path::Path) -> Result<vouch_engine::Plan> {
+    let calibration = run_model::load_tensors(calibration)?;
+    let model = vouch_engine::load_onnx(model_bytes)?;
+    Ok(vouch_engine::build_plan(&model, &model.to_ir()?, &calibration)?)
 }
 
 async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
@@ -316,6 +336,16 @@ async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
             // Read the schema before uploading anything, so a bad file fails fast.
             let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
             let schema = vouch_engine::read_onnx_schema(&bytes).with_context(|| format!("{}", file.display()))?;
+            let plan = match &args.calibration {
+                Some(calibration) => Some(build_exact_plan(&bytes, calibration).with_context(|| {
+                    format!(
+                        "cannot build the exact plan of {} from {}",
+                        file.display(),
+                        calibration.display()
+                    )
+                })?),
+                None => None,
+            };
             let size = bytes.len() as u64;
             drop(bytes);
             let bar = progress_bar(cli, "uploading", size);
@@ -328,12 +358,27 @@ async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
             if uploaded.size != size {
                 bail!("{} changed while it was being uploaded", file.display());
             }
-            let manifest = onnx_manifest(args, schema, &uploaded, &key)?;
+            let mut plans = Vec::new();
+            if let Some(plan) = plan {
+                let plan_bytes = plan.encode();
+                let plan_id = plan.id();
+                let stored = client.put_blob_bytes(plan_bytes).await?;
+                if stored.id != plan_id {
+                    bail!("the node stored the plan as {} but its id is {plan_id}", stored.id);
+                }
+                plans.push(PlanRef {
+                    id: plan_id,
+                    size: stored.size,
+                });
+            }
+            let manifest = onnx_manifest(args, schema, &uploaded, plans, &key)?;
             let published = client.publish(&manifest).await?;
+            let plan_id = manifest.body.plans.first().map(|p| p.id);
             if cli.json {
                 return print_json(&json!({
                     "id": published.id, "name": name, "version": version,
                     "created": published.created, "blob": uploaded.id, "size": uploaded.size,
+                    "plan_id": plan_id,
                 }));
             }
             let verb = if published.created {
@@ -347,6 +392,9 @@ async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
                 uploaded.size,
                 uploaded.id
             );
+            if let Some(plan_id) = plan_id {
+                println!("exact plan {plan_id}");
+            }
             println!("{verb} {name}@{version}");
             println!("{}", published.id);
             Ok(())
@@ -432,6 +480,9 @@ fn print_model(view: &ModelView, manifest: &Manifest) {
     }
     for file in &body.files {
         println!("file:        {} ({} bytes, blob {})", file.path, file.size, file.blob);
+    }
+    for plan in &body.plans {
+        println!("exact plan:  {} ({} bytes)", plan.id, plan.size);
     }
     let describe = |spec: &vouch_types::TensorSpec| {
         let shape = spec.shape.as_ref().map_or("?".to_string(), |dims| {

@@ -6,14 +6,12 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 use vouch_client::Client;
-use vouch_engine::{ExecOptions, FloatModel, TraceTree, build_plan, execute, load_onnx};
-use vouch_tensor::{
-    NamedTensor, TensorData, TensorLimits, TensorsJson, hash_named_tensors, read_tensor_file, write_tensor_file,
-};
-use vouch_types::ModelRef;
+use vouch_engine::{ExecOptions, FloatModel, Plan, PlanLimits, build_plan, load_onnx};
+use vouch_tensor::{NamedTensor, TensorData, TensorLimits, TensorsJson, read_tensor_file, write_tensor_file};
+use vouch_types::{BlobId, Manifest, ModelRef};
 
 /// Largest model file `vouch run` fetches from a node.
-const MAX_MODEL_BYTES: u64 = 4 << 30;
+pub(crate) const MAX_MODEL_BYTES: u64 = 4 << 30;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -25,7 +23,8 @@ pub struct RunArgs {
     /// Run the exact integer plan instead of float32.
     #[arg(long)]
     exact: bool,
-    /// Calibration inputs for building the exact plan of an ONNX file (samples stacked on axis 0).
+    /// Calibration inputs for building an exact plan here (samples stacked on axis 0); required
+    /// for an ONNX file, optional for a published model, which brings its own plan.
     #[arg(long, requires = "exact")]
     calibration: Option<PathBuf>,
     /// Worker threads for the exact plan (default: every core). The bits do not depend on it.
@@ -39,20 +38,21 @@ pub struct RunArgs {
     output: Option<PathBuf>,
 }
 
-fn load_tensors(path: &Path) -> Result<Vec<NamedTensor>> {
+pub(crate) fn load_tensors(path: &Path) -> Result<Vec<NamedTensor>> {
     Ok(read_tensor_file(path, &TensorLimits::default())?)
 }
 
-async fn model_bytes(node: &str, model: &str) -> Result<Vec<u8>> {
-    let path = Path::new(model);
-    if path.is_file() {
-        return std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+/// Execution options from `--threads` and `--no-simd`.
+pub(crate) fn exec_options(threads: Option<usize>, no_simd: bool) -> ExecOptions {
+    ExecOptions {
+        threads: threads.unwrap_or(ExecOptions::default().threads).max(1),
+        simd: !no_simd,
+        ..ExecOptions::default()
     }
-    let reference: ModelRef = model
-        .parse()
-        .with_context(|| format!("'{model}' is neither a file nor a model reference"))?;
-    let client = Client::new(node)?;
-    let (_, manifest) = client.fetch_manifest(&reference).await?;
+}
+
+/// Fetches a published model's ONNX file, verified against its blob id.
+pub(crate) async fn fetch_model_file(client: &Client, manifest: &Manifest) -> Result<Vec<u8>> {
     let file = manifest
         .body
         .files
@@ -64,37 +64,78 @@ async fn model_bytes(node: &str, model: &str) -> Result<Vec<u8>> {
         .await?)
 }
 
+/// Fetches one of a model's exact plans (the first when `plan_id` is `None`), verified against
+/// its id and decoded.
+pub(crate) async fn fetch_plan(client: &Client, manifest: &Manifest, plan_id: Option<&BlobId>) -> Result<Plan> {
+    let plans = &manifest.body.plans;
+    let plan = match plan_id {
+        Some(id) => plans.iter().find(|p| p.id == *id),
+        None => plans.first(),
+    };
+    let Some(plan) = plan else {
+        bail!(
+            "model {}@{} has no exact plan{}; publish it with --calibration, or run the ONNX file with --calibration",
+            manifest.body.name,
+            manifest.body.version,
+            plan_id.map(|id| format!(" {id}")).unwrap_or_default()
+        );
+    };
+    let bytes = client.get_blob_bytes(&plan.id, MAX_MODEL_BYTES.min(plan.size)).await?;
+    Ok(vouch_verify::decode_plan(&plan.id, &bytes, &PlanLimits::default())?)
+}
+
+/// The model's bytes and, for a published model, its manifest and the client that fetched it.
+async fn resolve(node: &str, model: &str) -> Result<(Option<(Client, Manifest)>, Option<Vec<u8>>)> {
+    let path = Path::new(model);
+    if path.is_file() {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        return Ok((None, Some(bytes)));
+    }
+    let reference: ModelRef = model
+        .parse()
+        .with_context(|| format!("'{model}' is neither a file nor a model reference"))?;
+    let client = Client::new(node)?;
+    let (_, manifest) = client.fetch_manifest(&reference).await?;
+    Ok((Some((client, manifest)), None))
+}
+
 pub async fn run(node: &str, json_output: bool, args: &RunArgs) -> Result<()> {
-    let bytes = model_bytes(node, &args.model).await?;
+    let (published, file_bytes) = resolve(node, &args.model).await?;
     let inputs = load_tensors(&args.input)?;
-    let model = load_onnx(&bytes).with_context(|| args.model.clone())?;
     let mut report = serde_json::Map::new();
+    if let Some((_, manifest)) = &published {
+        report.insert("model_id".into(), json!(manifest.id().to_string()));
+    }
+    let onnx = async || -> Result<Vec<u8>> {
+        match (&file_bytes, &published) {
+            (Some(bytes), _) => Ok(bytes.clone()),
+            (None, Some((client, manifest))) => fetch_model_file(client, manifest).await,
+            (None, None) => bail!("no model"),
+        }
+    };
     let outputs = if args.exact {
-        let Some(calibration) = &args.calibration else {
-            if Path::new(&args.model).is_file() {
-                bail!("--exact on an ONNX file needs --calibration FILE to build its plan");
+        let plan = match (&args.calibration, &published) {
+            (Some(calibration), _) => {
+                let model = load_onnx(&onnx().await?).with_context(|| args.model.clone())?;
+                build_plan(&model, &model.to_ir()?, &load_tensors(calibration)?)?
             }
-            bail!("exact plans of published models are not served by nodes yet; pass the ONNX file with --calibration");
+            (None, Some((client, manifest))) => fetch_plan(client, manifest, None).await?,
+            (None, None) => bail!("--exact on an ONNX file needs --calibration FILE to build its plan"),
         };
-        let graph = model.to_ir()?;
-        let plan = build_plan(&model, &graph, &load_tensors(calibration)?)?;
-        let options = ExecOptions {
-            threads: args.threads.unwrap_or(ExecOptions::default().threads).max(1),
-            simd: !args.no_simd,
-            ..ExecOptions::default()
-        };
-        let execution = execute(&plan, &inputs, &options)?;
-        let root = TraceTree::new(&execution.values).root();
+        let answer = vouch_verify::run_exact(&plan, &inputs, &exec_options(args.threads, args.no_simd))?;
         report.insert("mode".into(), json!("exact"));
         report.insert("plan_id".into(), json!(plan.id().to_string()));
-        report.insert("trace_root".into(), json!(hex::encode(root)));
-        execution.outputs
+        report.insert("trace_root".into(), json!(answer.trace_root.to_string()));
+        answer.outputs
     } else {
         report.insert("mode".into(), json!("float"));
+        let model = load_onnx(&onnx().await?).with_context(|| args.model.clone())?;
         FloatModel::new(&model)?.run(&inputs)?
     };
-    let output_hash = hash_named_tensors(outputs.iter().map(|t| (t.name.as_deref().unwrap_or(""), &t.tensor)));
-    report.insert("output_hash".into(), json!(hex::encode(output_hash)));
+    report.insert(
+        "output_hash".into(),
+        json!(vouch_verify::tensors_hash(&outputs).to_string()),
+    );
     if let Some(path) = &args.output {
         write_tensor_file(path, &outputs)?;
     }
@@ -103,7 +144,18 @@ pub async fn run(node: &str, json_output: bool, args: &RunArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    for output in &outputs {
+    print_outputs(&outputs);
+    for key in ["model_id", "mode", "plan_id", "trace_root", "output_hash"] {
+        if let Some(value) = report.get(key).and_then(|v| v.as_str()) {
+            println!("{key}: {value}");
+        }
+    }
+    Ok(())
+}
+
+/// One line per output: name, type, shape and the first few elements.
+pub(crate) fn print_outputs(outputs: &[NamedTensor]) {
+    for output in outputs {
         println!(
             "{} {} {:?}: {}",
             output.name.as_deref().unwrap_or("output"),
@@ -112,12 +164,6 @@ pub async fn run(node: &str, json_output: bool, args: &RunArgs) -> Result<()> {
             preview(output.tensor.data())
         );
     }
-    for key in ["mode", "plan_id", "trace_root", "output_hash"] {
-        if let Some(value) = report.get(key).and_then(|v| v.as_str()) {
-            println!("{key}: {value}");
-        }
-    }
-    Ok(())
 }
 
 /// The first few elements, for a person to glance at.

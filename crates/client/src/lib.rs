@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 use reqwest::header::CONTENT_LENGTH;
 use serde::de::DeserializeOwned;
 use vouch_store::stream::{self, VerifyError};
-use vouch_types::api::{BlobInfo, ErrorBody, Health, ModelView, PublishInfo};
+use vouch_types::api::{BlobInfo, ErrorBody, Health, InferRequest, InferResponse, ModelView, PublishInfo};
 use vouch_types::{BlobId, Manifest, ManifestError, ManifestLimits, ModelName, ModelRef};
 
 /// Reports progress: bytes transferred so far.
@@ -277,6 +277,12 @@ impl Client {
             }
             Err(VerifyError::TooLarge { .. }) => Err(ClientError::BadAnswer(decoded_error(decoded))),
         }
+    }
+
+    /// `POST /v1/infer`. The answer is parsed, not checked: the caller checks the receipt (see
+    /// `vouch-verify`), because only it knows the request it meant.
+    pub async fn infer(&self, request: &InferRequest) -> Result<InferResponse, ClientError> {
+        self.json(self.http.post(self.url("/v1/infer")).json(request)).await
     }
 
     /// Publishes a signed manifest.

@@ -34,6 +34,7 @@ pub(crate) struct AppState {
     pub limits: NodeLimits,
     pub upload_slots: Arc<Semaphore>,
     pub download_slots: Arc<Semaphore>,
+    pub inference: Arc<crate::infer::Inference>,
 }
 
 /// Builds the router.
@@ -51,6 +52,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", post(publish_model).get(list_models))
         .route("/v1/models/{*reference}", get(show_model))
+        .route("/v1/infer", post(crate::infer::infer))
         .layer(middleware::from_fn_with_state(request_timeout, deadline));
     transfers
         .merge(queries)
@@ -90,10 +92,11 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
     response
 }
 
-async fn health() -> Json<Health> {
+async fn health(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        node_key: state.inference.key.public_key(),
     })
 }
 
@@ -343,12 +346,13 @@ fn view(published: Published) -> ModelView {
 }
 
 /// Reads a whole request body of at most `limit` bytes: 413 beyond it, 400 if the body breaks off.
-async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// `what` names the body in the error (`a manifest`).
+pub(crate) async fn read_limited(body: Body, limit: usize, what: &str) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("a manifest is at most {limit} bytes"),
+            format!("{what} is at most {limit} bytes"),
         )
     };
     let mut frames = body.into_data_stream();
@@ -367,7 +371,7 @@ async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
 /// `POST /v1/models`: the body is a signed manifest in its canonical encoding.
 async fn publish_model(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
     let limit = state.limits.manifest.max_encoded_bytes;
-    let bytes = read_limited(body, limit).await?;
+    let bytes = read_limited(body, limit, "a manifest").await?;
     let manifest = Manifest::decode(&bytes, &state.limits.manifest)?;
     let task_state = state.clone();
     let (outcome, id) = tokio::task::spawn_blocking(move || publish(&task_state, &manifest, &bytes)).await??;
@@ -387,27 +391,55 @@ fn publish(
     bytes: &[u8],
 ) -> Result<(PublishOutcome, vouch_types::ModelId), ApiError> {
     let unprocessable = |code, message: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
-    for file in &manifest.body.files {
-        match state.store.size(&file.blob)? {
+    let files = manifest
+        .body
+        .files
+        .iter()
+        .map(|f| (format!("file '{}'", f.path), f.blob, f.size));
+    let plans = manifest
+        .body
+        .plans
+        .iter()
+        .map(|p| (format!("exact plan {}", p.id), p.id, p.size));
+    for (what, blob, declared) in files.chain(plans) {
+        match state.store.size(&blob)? {
             None => {
                 return Err(unprocessable(
                     "missing_blob",
-                    format!(
-                        "file '{}' refers to blob {}, which this node does not hold; upload it first",
-                        file.path, file.blob
-                    ),
+                    format!("{what} refers to blob {blob}, which this node does not hold; upload it first"),
                 ));
             }
-            Some(size) if size != file.size => {
+            Some(size) if size != declared => {
                 return Err(unprocessable(
                     "size_mismatch",
-                    format!(
-                        "file '{}' is declared as {} bytes but blob {} has {size}",
-                        file.path, file.size, file.blob
-                    ),
+                    format!("{what} is declared as {declared} bytes but blob {blob} has {size}"),
                 ));
             }
             Some(_) => {}
+        }
+    }
+    for plan in &manifest.body.plans {
+        // A plan must decode and take the model's inputs, or every re-execution of it would fail.
+        if plan.size > state.limits.max_inspect_bytes {
+            tracing::warn!(
+                size = plan.size,
+                "exact plan larger than the inspection limit; not checked"
+            );
+            continue;
+        }
+        let bytes = state.store.read_to_vec(&plan.id, state.limits.max_inspect_bytes)?;
+        let decoded = vouch_verify::decode_plan(&plan.id, &bytes, &vouch_engine::PlanLimits::default())
+            .map_err(|e| unprocessable("invalid_plan", e.to_string()))?;
+        let plan_inputs: Vec<&str> = decoded.inputs.iter().map(|i| i.name.as_str()).collect();
+        let model_inputs: Vec<&str> = manifest.body.inputs.iter().map(|i| i.name.as_str()).collect();
+        if plan_inputs != model_inputs {
+            return Err(unprocessable(
+                "plan_mismatch",
+                format!(
+                    "exact plan {} takes inputs {plan_inputs:?} but the model takes {model_inputs:?}",
+                    plan.id
+                ),
+            ));
         }
     }
     match manifest.body.format {

@@ -2,6 +2,7 @@
 
 mod api;
 mod error;
+mod infer;
 mod metrics;
 pub mod registry;
 mod streaming;
@@ -13,7 +14,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
+use vouch_crypto::{CryptoError, SecretKey};
 use vouch_store::{DiskStore, StoreError};
+use vouch_tensor::TensorLimits;
 use vouch_types::ManifestLimits;
 
 pub use error::ApiError;
@@ -39,6 +42,18 @@ pub struct NodeLimits {
     pub body_idle_timeout_ms: u64,
     /// Most models one listing returns.
     pub max_list_items: usize,
+    /// Largest inference request body, in bytes.
+    pub max_infer_request_bytes: usize,
+    /// Limits on the input tensors of one inference.
+    pub inference_tensors: TensorLimits,
+    /// Most elements of any one value an exact plan computes.
+    pub max_inference_elements: usize,
+    /// Inferences run at once; more get 503.
+    pub max_concurrent_inferences: usize,
+    /// Worker threads of one exact inference.
+    pub inference_threads: usize,
+    /// Models kept prepared (optimized float models, decoded plans) between requests.
+    pub max_cached_models: usize,
 }
 
 impl Default for NodeLimits {
@@ -52,6 +67,16 @@ impl Default for NodeLimits {
             request_timeout_ms: 30_000,
             body_idle_timeout_ms: 30_000,
             max_list_items: 1000,
+            max_infer_request_bytes: 64 << 20,
+            inference_tensors: TensorLimits {
+                max_elements: 1 << 24,
+                max_total_elements: 1 << 24,
+                ..TensorLimits::default()
+            },
+            max_inference_elements: 1 << 26,
+            max_concurrent_inferences: 4,
+            inference_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_cached_models: 8,
         }
     }
 }
@@ -85,6 +110,9 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The node's signing key could not be read or created.
+    #[error("node key: {0}")]
+    Key(#[from] CryptoError),
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
@@ -100,6 +128,7 @@ pub enum NodeError {
 #[derive(Debug)]
 pub struct RunningNode {
     addr: SocketAddr,
+    node_key: vouch_crypto::PublicKey,
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -108,6 +137,11 @@ impl RunningNode {
     /// The address the API listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The key the node signs receipts with.
+    pub fn node_key(&self) -> vouch_crypto::PublicKey {
+        self.node_key
     }
 
     /// The API's base URL.
@@ -130,12 +164,20 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     })?;
     let store = DiskStore::open(&config.data_dir.join("store"), config.limits.max_upload_bytes)?;
     let registry = Registry::open(&config.data_dir.join("registry.redb"), config.limits.manifest.clone())?;
+    let key = load_or_create_key(&config.data_dir.join(NODE_KEY_FILE))?;
+    let node_key = key.public_key();
+    let inference = infer::Inference {
+        key,
+        cache: infer::ModelCache::new(config.limits.max_cached_models),
+        slots: Arc::new(Semaphore::new(config.limits.max_concurrent_inferences)),
+    };
     let state = api::AppState {
         store: Arc::new(store),
         registry: Arc::new(registry),
         metrics: Arc::new(Metrics::new()),
         upload_slots: Arc::new(Semaphore::new(config.limits.max_concurrent_uploads)),
         download_slots: Arc::new(Semaphore::new(config.limits.max_concurrent_downloads)),
+        inference: Arc::new(inference),
         limits: config.limits,
     };
     let listener = TcpListener::bind(config.api_addr)
@@ -158,5 +200,24 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             .await
     });
     tracing::info!(%addr, "node API listening");
-    Ok(RunningNode { addr, shutdown, server })
+    tracing::info!(%node_key, "signing receipts");
+    Ok(RunningNode {
+        addr,
+        node_key,
+        shutdown,
+        server,
+    })
+}
+
+/// The file in the data directory that holds the node's signing key.
+pub const NODE_KEY_FILE: &str = "node_key.pem";
+
+/// The node keeps one identity across restarts: the key is made on first start and read after.
+fn load_or_create_key(path: &std::path::Path) -> Result<SecretKey, CryptoError> {
+    if path.exists() {
+        return SecretKey::load(path);
+    }
+    let key = SecretKey::generate()?;
+    key.save(path)?;
+    Ok(key)
 }

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub models_published: Counter,
     /// Uploads in progress.
     pub uploads_in_flight: Gauge,
+    /// Inferences answered with a signed receipt.
+    pub inferences: Counter,
 }
 
 impl Metrics {
@@ -49,6 +51,7 @@ impl Metrics {
             corrupt_blobs: Counter::default(),
             models_published: Counter::default(),
             uploads_in_flight: Gauge::default(),
+            inferences: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -71,6 +74,11 @@ impl Metrics {
             "corrupt_blobs",
             "Blobs that failed verification and were put aside",
             metrics.corrupt_blobs.clone(),
+        );
+        registry.register(
+            "inferences",
+            "Inferences answered with a signed receipt",
+            metrics.inferences.clone(),
         );
         registry.register(
             "models_published",
