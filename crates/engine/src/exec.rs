@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use vouch_tensor::{DType, NamedTensor, Tensor, TensorData};
 
 use crate::fixed::{ACTIVATION_MAX, Multiplier, div_round, quantize_f32_bits, saturate};
-use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim};
+use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim, Window};
 
 /// Entries of a lookup table: one for each activation from -32767 to 32767.
 pub const LOOKUP_ENTRIES: usize = 2 * ACTIVATION_MAX as usize + 1;
@@ -406,7 +406,287 @@ fn run_instr(instr: &Instr, operands: &[&ITensor], options: &ExecOptions) -> Res
         }
         Instr::MoveAxis { from, to, .. } => move_axis(operands[0], *from as usize, *to as usize),
         Instr::Reshape { at, from_rank, to, .. } => reshape(operands[0], *at as usize, *from_rank as usize, to),
+        Instr::Conv {
+            window,
+            group,
+            c_in,
+            c_out,
+            weights,
+            bias,
+            requant,
+            ..
+        } => conv(
+            operands[0],
+            &ConvWeights {
+                window,
+                group: *group as usize,
+                c_in: *c_in as usize,
+                c_out: *c_out as usize,
+                weights,
+                bias,
+                requant,
+            },
+            options,
+        ),
+        Instr::MaxPool { window, .. } => pool(operands[0], window, None, options),
+        Instr::AvgPool {
+            window,
+            count_include_pad,
+            ..
+        } => pool(operands[0], window, Some(*count_include_pad), options),
+        Instr::ReduceSum { axes, requant, .. } => reduce(operands[0], axes, options, |values| {
+            saturate(requant.apply(values.map(i64::from).sum()))
+        }),
+        Instr::ReduceMinMax { axes, max, .. } => reduce(operands[0], axes, options, |values| {
+            let extreme = if *max { values.max() } else { values.min() };
+            extreme.unwrap_or(0)
+        }),
     }
+}
+
+/// Marks a kernel tap that falls in the padding.
+const PADDING: usize = usize::MAX;
+
+/// Where a window slides over `[batch, channels, spatial..]` data.
+struct Geometry {
+    /// Input positions per channel (the product of the spatial dimensions).
+    in_positions: usize,
+    /// Output spatial dimensions.
+    out_spatial: Vec<usize>,
+    /// Output positions per channel.
+    out_positions: usize,
+    /// Taps of the kernel.
+    taps: usize,
+    /// For output position `p` and tap `t`, at `p * taps + t`: the input position read, or
+    /// [`PADDING`].
+    reads: Vec<usize>,
+}
+
+fn geometry(shape: &[usize], window: &Window, options: &ExecOptions) -> Result<Geometry, String> {
+    let rank = window.kernel.len();
+    if shape.len() != rank + 2 {
+        return Err(format!(
+            "data of shape {shape:?} does not have 2 + {rank} axes for a {rank}-D window"
+        ));
+    }
+    let consistent = [
+        &window.strides,
+        &window.dilations,
+        &window.pads_before,
+        &window.pads_after,
+    ]
+    .iter()
+    .all(|v| v.len() == rank)
+        && [&window.kernel, &window.strides, &window.dilations]
+            .iter()
+            .all(|v| v.iter().all(|x| *x >= 1));
+    if !consistent {
+        return Err("the window's kernel, strides, dilations and padding disagree".into());
+    }
+    let spatial = &shape[2..];
+    let mut out_spatial = Vec::with_capacity(rank);
+    for (axis, size) in spatial.iter().enumerate() {
+        let padded = size + window.pads_before[axis] + window.pads_after[axis];
+        let span = window.dilations[axis] * (window.kernel[axis] - 1) + 1;
+        if padded < span {
+            return Err(format!(
+                "spatial axis {axis} of size {size} (padded to {padded}) is smaller than the window's span of {span}"
+            ));
+        }
+        out_spatial.push((padded - span) / window.strides[axis] + 1);
+    }
+    let out_positions = element_count(&out_spatial, options)?;
+    let taps = element_count(&window.kernel, options)?;
+    element_count(&[out_positions, taps], options)?;
+    let in_positions: usize = spatial.iter().product();
+    let mut reads = Vec::with_capacity(out_positions * taps);
+    let mut out_index = vec![0usize; rank];
+    for _ in 0..out_positions {
+        let mut tap = vec![0usize; rank];
+        for _ in 0..taps {
+            let mut position = 0usize;
+            let mut inside = true;
+            for axis in 0..rank {
+                let coordinate = (out_index[axis] * window.strides[axis] + tap[axis] * window.dilations[axis])
+                    .checked_sub(window.pads_before[axis])
+                    .filter(|c| *c < spatial[axis]);
+                match coordinate {
+                    Some(c) => position = position * spatial[axis] + c,
+                    None => inside = false,
+                }
+            }
+            reads.push(if inside { position } else { PADDING });
+            increment(&mut tap, &window.kernel);
+        }
+        increment(&mut out_index, &out_spatial);
+    }
+    Ok(Geometry {
+        in_positions,
+        out_spatial,
+        out_positions,
+        taps,
+        reads,
+    })
+}
+
+/// Advances a row-major multi-index within `dims`.
+fn increment(index: &mut [usize], dims: &[usize]) {
+    for axis in (0..index.len()).rev() {
+        index[axis] += 1;
+        if index[axis] < dims[axis] {
+            return;
+        }
+        index[axis] = 0;
+    }
+}
+
+/// The constant operands of a convolution.
+struct ConvWeights<'a> {
+    window: &'a Window,
+    group: usize,
+    c_in: usize,
+    c_out: usize,
+    weights: &'a [i8],
+    bias: &'a [i64],
+    requant: &'a [Multiplier],
+}
+
+fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITensor, String> {
+    let geometry = geometry(&x.shape, w.window, options)?;
+    let (batch, group) = (x.shape[0], w.group);
+    if x.shape[1] != w.c_in || group == 0 || !w.c_in.is_multiple_of(group) || !w.c_out.is_multiple_of(group) {
+        return Err(format!(
+            "data with {} channels does not fit a convolution of {} input channels in {group} groups",
+            x.shape[1], w.c_in
+        ));
+    }
+    let (cig, cog) = (w.c_in / group, w.c_out / group);
+    let row = cig * geometry.taps;
+    if w.weights.len() != w.c_out * row || w.bias.len() != w.c_out || w.requant.len() != w.c_out {
+        return Err("weight, bias and requantization sizes disagree".into());
+    }
+    if let Some(v) = x.data.iter().find(|v| v.unsigned_abs() > ACTIVATION_MAX as u32) {
+        return Err(format!("operand value {v} is outside the activation range"));
+    }
+    let mut shape = vec![batch, w.c_out];
+    shape.extend_from_slice(&geometry.out_spatial);
+    element_count(&shape, options)?;
+    element_count(&[geometry.out_positions, row], options)?;
+    let positions = geometry.out_positions;
+    let dot = if options.simd { dot_lanes } else { dot_scalar };
+    let mut data = vec![0i32; batch * w.c_out * positions];
+    let mut patches = vec![0i32; positions * row];
+    for n in 0..batch {
+        for g in 0..group {
+            // im2col: one row of `cig * taps` inputs per output position; padding reads 0, which
+            // is exact because quantization is symmetric.
+            for (p, patch) in patches.chunks_mut(row.max(1)).enumerate().take(positions) {
+                for ci in 0..cig {
+                    let channel =
+                        &x.data[(n * w.c_in + g * cig + ci) * geometry.in_positions..][..geometry.in_positions];
+                    let reads = &geometry.reads[p * geometry.taps..(p + 1) * geometry.taps];
+                    for (slot, read) in patch[ci * geometry.taps..(ci + 1) * geometry.taps]
+                        .iter_mut()
+                        .zip(reads)
+                    {
+                        *slot = if *read == PADDING { 0 } else { channel[*read] };
+                    }
+                }
+            }
+            let first = n * w.c_out + g * cog;
+            let out = &mut data[first * positions..(first + cog) * positions];
+            let patches = &patches;
+            let channel = |o: usize, out: &mut [i32]| {
+                let oc = g * cog + o;
+                let weights = &w.weights[oc * row..(oc + 1) * row];
+                for (p, slot) in out.iter_mut().enumerate() {
+                    let acc = dot(&patches[p * row..(p + 1) * row], weights) + w.bias[oc];
+                    *slot = saturate(w.requant[oc].apply(acc));
+                }
+            };
+            let threads = options.threads.clamp(1, cog.max(1));
+            if threads == 1 || cog * positions * row < (1 << 16) || positions == 0 {
+                for (o, out) in out.chunks_mut(positions.max(1)).enumerate().take(cog) {
+                    channel(o, out);
+                }
+            } else {
+                let per_thread = cog.div_ceil(threads);
+                std::thread::scope(|scope| {
+                    for (chunk_index, chunk) in out.chunks_mut(per_thread * positions).enumerate() {
+                        let channel = &channel;
+                        scope.spawn(move || {
+                            for (i, out) in chunk.chunks_mut(positions).enumerate() {
+                                channel(chunk_index * per_thread + i, out);
+                            }
+                        });
+                    }
+                });
+            }
+        }
+    }
+    Ok(ITensor { shape, data })
+}
+
+/// Max pooling (`average: None`) or average pooling (`Some(count_include_pad)`).
+fn pool(x: &ITensor, window: &Window, average: Option<bool>, options: &ExecOptions) -> Result<ITensor, String> {
+    let geometry = geometry(&x.shape, window, options)?;
+    let planes = x.shape[0] * x.shape[1];
+    let mut shape = x.shape[..2].to_vec();
+    shape.extend_from_slice(&geometry.out_spatial);
+    element_count(&shape, options)?;
+    let mut data = Vec::with_capacity(planes * geometry.out_positions);
+    for plane in x.data.chunks(geometry.in_positions.max(1)).take(planes) {
+        for reads in geometry.reads.chunks(geometry.taps.max(1)).take(geometry.out_positions) {
+            let inside = reads.iter().filter(|r| **r != PADDING).map(|r| plane[*r]);
+            data.push(match average {
+                None => inside.max().unwrap_or(0),
+                Some(count_include_pad) => {
+                    let (sum, count) = inside.fold((0i64, 0i64), |(s, c), v| (s + i64::from(v), c + 1));
+                    let count = if count_include_pad { reads.len() as i64 } else { count };
+                    if count == 0 { 0 } else { saturate(div_round(sum, count)) }
+                }
+            });
+        }
+    }
+    Ok(ITensor { shape, data })
+}
+
+/// Combines the values along `axes` (kept with size 1) with `combine`.
+fn reduce(
+    x: &ITensor,
+    axes: &[u32],
+    options: &ExecOptions,
+    combine: impl Fn(&mut dyn Iterator<Item = i32>) -> i32,
+) -> Result<ITensor, String> {
+    let rank = x.shape.len();
+    if axes.iter().any(|a| *a as usize >= rank) {
+        return Err(format!("reduction axes {axes:?} are past rank {rank}"));
+    }
+    let reduced = |axis: usize| axes.contains(&(axis as u32));
+    let shape: Vec<usize> = (0..rank).map(|a| if reduced(a) { 1 } else { x.shape[a] }).collect();
+    let outputs = element_count(&shape, options)?;
+    // Move the reduced axes last, so each output reads one contiguous run.
+    let kept: Vec<usize> = (0..rank).filter(|a| !reduced(*a)).collect();
+    let order: Vec<usize> = kept.iter().copied().chain((0..rank).filter(|a| reduced(*a))).collect();
+    let run: usize = (0..rank).filter(|a| reduced(*a)).map(|a| x.shape[a]).product();
+    let mut strides = vec![1usize; rank];
+    for axis in (0..rank.saturating_sub(1)).rev() {
+        strides[axis] = strides[axis + 1] * x.shape[axis + 1];
+    }
+    let dims: Vec<usize> = order.iter().map(|a| x.shape[*a]).collect();
+    let mut index = vec![0usize; rank];
+    let mut gathered = Vec::with_capacity(run);
+    let mut data = Vec::with_capacity(outputs);
+    for _ in 0..outputs {
+        gathered.clear();
+        for _ in 0..run {
+            let offset: usize = index.iter().zip(&order).map(|(i, a)| i * strides[*a]).sum();
+            gathered.push(x.data[offset]);
+            increment(&mut index, &dims);
+        }
+        data.push(combine(&mut gathered.iter().copied()));
+    }
+    Ok(ITensor { shape, data })
 }
 
 /// Sums `x[k] * w[k]` exactly, one element at a time.

@@ -6,15 +6,16 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::DimLike;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool, PoolSpec, SumPool};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::konst::Const;
-use tract_onnx::tract_core::ops::nn::{LeakyRelu, Softmax, SoftmaxKind};
+use tract_onnx::tract_core::ops::nn::{DataFormat, LeakyRelu, Reduce, Reducer, Softmax, SoftmaxKind};
 use tract_onnx::tract_core::ops::source::TypedSource;
 use vouch_tensor::{DType, Tensor, TensorData};
 
 use crate::EngineError;
-use crate::ir::{BinaryOp, DimFact, Graph, Node, Op, UnaryOp, Value, ValueId};
+use crate::ir::{BinaryOp, DimFact, Graph, Node, Op, ReduceOp, UnaryOp, Value, ValueId, Window};
 
 /// An ONNX model loaded through tract: typed, shapes inferred, decluttered.
 #[derive(Debug, Clone)]
@@ -124,7 +125,7 @@ impl LoadedModel {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let op = convert_op(node).map_err(unsupported)?;
+            let op = convert_op(model, node).map_err(unsupported)?;
             let value = graph.values.len();
             if let Op::Input(_) = op {
                 graph.inputs.push(value);
@@ -216,7 +217,77 @@ pub(crate) fn to_tract(tensor: &Tensor) -> Result<tract_onnx::prelude::Tensor, S
     result.map_err(|e| format!("{e:#}"))
 }
 
-fn convert_op(node: &TypedNode) -> Result<Op, String> {
+/// The window of a convolution or pooling whose input has fixed spatial dimensions.
+fn window(model: &TypedModel, node: &TypedNode, spec: &PoolSpec) -> Result<Window, String> {
+    if spec.data_format != DataFormat::NCHW {
+        return Err(format!(
+            "data format {:?} is not supported (only NCHW)",
+            spec.data_format
+        ));
+    }
+    let fact = model.outlet_fact(node.inputs[0]).map_err(|e| format!("{e:#}"))?;
+    let spatial: Vec<usize> = fact
+        .shape
+        .iter()
+        .skip(2)
+        .map(|d| d.to_usize().map_err(|_| format!("spatial dimension {d} is not fixed")))
+        .collect::<Result<_, _>>()?;
+    if spatial.len() != spec.kernel_shape.len() {
+        return Err("the kernel's rank differs from the data's".into());
+    }
+    let padded = spec.computed_padding(&spatial);
+    Ok(Window {
+        kernel: spec.kernel_shape.to_vec(),
+        strides: spec.strides().to_vec(),
+        dilations: spec.dilations().to_vec(),
+        pads_before: padded.iter().map(|p| p.pad_before).collect(),
+        pads_after: padded.iter().map(|p| p.pad_after).collect(),
+    })
+}
+
+fn convert_op(model: &TypedModel, node: &TypedNode) -> Result<Op, String> {
+    if let Some(conv) = node.op_as::<Conv>() {
+        if conv.q_params.is_some() {
+            return Err("quantized convolution is not supported".into());
+        }
+        if conv.kernel_fmt != KernelFormat::OIHW {
+            return Err(format!(
+                "kernel format {:?} is not supported (only OIHW)",
+                conv.kernel_fmt
+            ));
+        }
+        return Ok(Op::Conv {
+            window: window(model, node, &conv.pool_spec)?,
+            group: conv.group,
+        });
+    }
+    if let Some(pool) = node.op_as::<MaxPool>() {
+        if pool.with_index_outputs.is_some() {
+            return Err("max pooling with index outputs is not supported".into());
+        }
+        return Ok(Op::MaxPool(window(model, node, &pool.pool_spec)?));
+    }
+    if let Some(pool) = node.op_as::<SumPool>() {
+        if !pool.normalize {
+            return Err("sum pooling without normalization is not supported".into());
+        }
+        return Ok(Op::AvgPool {
+            window: window(model, node, &pool.pool_spec)?,
+            count_include_pad: pool.count_include_pad,
+        });
+    }
+    if let Some(reduce) = node.op_as::<Reduce>() {
+        let op = match reduce.reducer {
+            Reducer::Sum => ReduceOp::Sum,
+            Reducer::Max => ReduceOp::Max,
+            Reducer::Min => ReduceOp::Min,
+            other => return Err(format!("reduction {other:?} is not supported by the exact engine")),
+        };
+        return Ok(Op::Reduce {
+            op,
+            axes: reduce.axes.to_vec(),
+        });
+    }
     if node.op_as::<TypedSource>().is_some() {
         return Ok(Op::Input(0));
     }

@@ -88,6 +88,33 @@ impl UnaryOp {
     }
 }
 
+/// The sliding window of a convolution or pooling over the spatial axes of NCHW-style data
+/// (`[batch, channels, spatial..]`), with padding made explicit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Kernel size along each spatial axis.
+    pub kernel: Vec<usize>,
+    /// Step along each spatial axis.
+    pub strides: Vec<usize>,
+    /// Spacing of kernel taps along each spatial axis.
+    pub dilations: Vec<usize>,
+    /// Padding before each spatial axis.
+    pub pads_before: Vec<usize>,
+    /// Padding after each spatial axis.
+    pub pads_after: Vec<usize>,
+}
+
+/// How a reduction combines values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// The sum.
+    Sum,
+    /// The largest.
+    Max,
+    /// The smallest.
+    Min,
+}
+
 /// What an IR node computes.
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -121,6 +148,30 @@ pub enum Op {
         /// Where it goes.
         to: usize,
     },
+    /// Convolution of NCHW-style data (input 0) with constant OIHW weights (input 1) and bias
+    /// (input 2).
+    Conv {
+        /// The window.
+        window: Window,
+        /// Channel groups (1: dense; the channel count: depthwise).
+        group: usize,
+    },
+    /// The largest value in each window; padding never wins.
+    MaxPool(Window),
+    /// The mean of each window.
+    AvgPool {
+        /// The window.
+        window: Window,
+        /// Whether padding counts in the divisor.
+        count_include_pad: bool,
+    },
+    /// A reduction over axes, which stay with size 1.
+    Reduce {
+        /// How values combine.
+        op: ReduceOp,
+        /// The axes reduced.
+        axes: Vec<usize>,
+    },
     /// Replaces the dimensions starting at `at` by others with the same element count.
     Reshape {
         /// First axis replaced.
@@ -146,6 +197,10 @@ impl Op {
             Self::RemoveAxis(_) => "RemoveAxis".into(),
             Self::MoveAxis { .. } => "MoveAxis".into(),
             Self::Reshape { .. } => "Reshape".into(),
+            Self::Conv { .. } => "Conv".into(),
+            Self::MaxPool(_) => "MaxPool".into(),
+            Self::AvgPool { .. } => "AvgPool".into(),
+            Self::Reduce { op, .. } => format!("Reduce{op:?}"),
         }
     }
 }

@@ -11,6 +11,12 @@ use vouch_codec::{Error as CodecError, RangeCfg, Read, ReadExt, Write};
 use vouch_types::BlobId;
 
 use crate::fixed::Multiplier;
+pub use crate::ir::Window;
+
+/// Largest kernel size, stride, dilation or padding a plan may give one spatial axis.
+pub const MAX_WINDOW_EXTENT: usize = 1 << 16;
+/// Most spatial axes of a convolution or pooling window.
+pub const MAX_SPATIAL_RANK: usize = 3;
 
 /// Current encoding version of a plan.
 pub const PLAN_FORMAT_VERSION: u8 = 1;
@@ -170,6 +176,60 @@ pub enum Instr {
         /// Where it goes.
         to: u32,
     },
+    /// Convolution of `[batch, c_in, spatial..]` data with int8 weights
+    /// `[c_out][c_in / group][kernel..]`: `y = rq_o(sum w * x + bias_o)`; padding reads 0.
+    Conv {
+        /// The data.
+        input: PlanValue,
+        /// The window.
+        window: Window,
+        /// Channel groups.
+        group: u32,
+        /// Input channels.
+        c_in: u32,
+        /// Output channels.
+        c_out: u32,
+        /// The weights, output channel by output channel.
+        weights: Vec<i8>,
+        /// `c_out` biases at the accumulator's scale.
+        bias: Vec<i64>,
+        /// `c_out` requantization factors.
+        requant: Vec<Multiplier>,
+    },
+    /// The largest value of each window over `[batch, channels, spatial..]`; padding is skipped.
+    MaxPool {
+        /// The data.
+        input: PlanValue,
+        /// The window.
+        window: Window,
+    },
+    /// The mean of each window, `floor(sum / count + 1/2)`, scale unchanged.
+    AvgPool {
+        /// The data.
+        input: PlanValue,
+        /// The window.
+        window: Window,
+        /// Whether padded positions count in `count`.
+        count_include_pad: bool,
+    },
+    /// `y = sat(rq(sum over axes))`; the axes stay with size 1.
+    ReduceSum {
+        /// The operand.
+        input: PlanValue,
+        /// The axes, increasing.
+        axes: Vec<u32>,
+        /// Sum scale to output scale.
+        requant: Multiplier,
+    },
+    /// The largest (or smallest) value over axes, which stay with size 1; scale unchanged.
+    ReduceMinMax {
+        /// The operand.
+        input: PlanValue,
+        /// The axes, increasing.
+        axes: Vec<u32>,
+        /// `true`: the largest; `false`: the smallest.
+        max: bool,
+    },
     /// Replaces `from_rank` axes starting at `at` by `to` (one may be 0: inferred from the count).
     Reshape {
         /// The operand.
@@ -195,7 +255,12 @@ impl Instr {
             | Self::AddAxis { input, .. }
             | Self::RemoveAxis { input, .. }
             | Self::MoveAxis { input, .. }
-            | Self::Reshape { input, .. } => vec![*input],
+            | Self::Reshape { input, .. }
+            | Self::Conv { input, .. }
+            | Self::MaxPool { input, .. }
+            | Self::AvgPool { input, .. }
+            | Self::ReduceSum { input, .. }
+            | Self::ReduceMinMax { input, .. } => vec![*input],
             Self::AddSub { a, b, .. } | Self::Mul { a, b, .. } => vec![*a, *b],
         }
     }
@@ -215,6 +280,12 @@ impl Instr {
             Self::RemoveAxis { .. } => "RemoveAxis",
             Self::MoveAxis { .. } => "MoveAxis",
             Self::Reshape { .. } => "Reshape",
+            Self::Conv { .. } => "Conv",
+            Self::MaxPool { .. } => "MaxPool",
+            Self::AvgPool { .. } => "AvgPool",
+            Self::ReduceSum { .. } => "ReduceSum",
+            Self::ReduceMinMax { max: true, .. } => "ReduceMax",
+            Self::ReduceMinMax { max: false, .. } => "ReduceMin",
         }
     }
 }
@@ -475,7 +546,118 @@ fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
             out.put_u32(*from_rank);
             write_u64s(to, out);
         }
+        Instr::Conv {
+            input,
+            window,
+            group,
+            c_in,
+            c_out,
+            weights,
+            bias,
+            requant,
+        } => {
+            out.put_u8(11);
+            out.put_u32(*input);
+            write_window(window, out);
+            out.put_u32(*group);
+            out.put_u32(*c_in);
+            out.put_u32(*c_out);
+            let bytes: Vec<u8> = weights.iter().map(|w| *w as u8).collect();
+            bytes.write(out);
+            bias.len().write(out);
+            for b in bias {
+                out.put_i64(*b);
+            }
+            requant.len().write(out);
+            for m in requant {
+                write_multiplier(*m, out);
+            }
+        }
+        Instr::MaxPool { input, window } => {
+            out.put_u8(12);
+            out.put_u32(*input);
+            write_window(window, out);
+        }
+        Instr::AvgPool {
+            input,
+            window,
+            count_include_pad,
+        } => {
+            out.put_u8(13);
+            out.put_u32(*input);
+            write_window(window, out);
+            out.put_u8(u8::from(*count_include_pad));
+        }
+        Instr::ReduceSum { input, axes, requant } => {
+            out.put_u8(14);
+            out.put_u32(*input);
+            write_u32s(axes, out);
+            write_multiplier(*requant, out);
+        }
+        Instr::ReduceMinMax { input, axes, max } => {
+            out.put_u8(15);
+            out.put_u32(*input);
+            write_u32s(axes, out);
+            out.put_u8(u8::from(*max));
+        }
     }
+}
+
+fn write_u32s(values: &[u32], out: &mut Vec<u8>) {
+    values.len().write(out);
+    for v in values {
+        out.put_u32(*v);
+    }
+}
+
+fn write_window(window: &Window, out: &mut Vec<u8>) {
+    window.kernel.len().write(out);
+    for axis in 0..window.kernel.len() {
+        for extent in [
+            window.kernel[axis],
+            window.strides[axis],
+            window.dilations[axis],
+            window.pads_before[axis],
+            window.pads_after[axis],
+        ] {
+            out.put_u32(extent as u32);
+        }
+    }
+}
+
+fn read_window(buf: &mut impl Buf) -> Result<Window, CodecError> {
+    let rank = usize::read_cfg(buf, &RangeCfg::from(1..=MAX_SPATIAL_RANK))?;
+    let mut window = Window {
+        kernel: Vec::with_capacity(rank),
+        strides: Vec::with_capacity(rank),
+        dilations: Vec::with_capacity(rank),
+        pads_before: Vec::with_capacity(rank),
+        pads_after: Vec::with_capacity(rank),
+    };
+    for _ in 0..rank {
+        let mut extent = |at_least: usize| -> Result<usize, CodecError> {
+            let value = u32::read(buf)? as usize;
+            if value < at_least || value > MAX_WINDOW_EXTENT {
+                return Err(CodecError::Invalid("plan", "window extent out of range"));
+            }
+            Ok(value)
+        };
+        window.kernel.push(extent(1)?);
+        window.strides.push(extent(1)?);
+        window.dilations.push(extent(1)?);
+        window.pads_before.push(extent(0)?);
+        window.pads_after.push(extent(0)?);
+    }
+    Ok(window)
+}
+
+/// Reads axes, which must be strictly increasing and below the rank limit.
+fn read_axes(buf: &mut impl Buf, max_rank: usize) -> Result<Vec<u32>, CodecError> {
+    let axes = vouch_codec::read_vec(buf, max_rank, |b| u32::read(b))?;
+    if axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|a| *a as usize >= max_rank) {
+        return Err(CodecError::Invalid("plan", "reduction axes must increase"));
+    }
+    Ok(axes)
 }
 
 fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecError> {
@@ -561,6 +743,66 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
             at: u32::read(buf)?,
             from_rank: u32::read(buf)?,
             to: vouch_codec::read_vec(buf, rank, |b| u64::read(b))?,
+        },
+        11 => {
+            let input = u32::read(buf)?;
+            let window = read_window(buf)?;
+            let group = u32::read(buf)?;
+            let c_in = u32::read(buf)?;
+            let c_out = u32::read(buf)?;
+            let weights = Vec::<u8>::read_cfg(buf, &(RangeCfg::from(0..=max), ()))?;
+            let bias = vouch_codec::read_vec(buf, max, |b| i64::read(b))?;
+            let requant = vouch_codec::read_vec(buf, max, read_multiplier)?;
+            let taps: usize = window.kernel.iter().product();
+            let fits = group > 0
+                && c_in.is_multiple_of(group)
+                && c_out.is_multiple_of(group)
+                && weights.len()
+                    == (c_out as usize)
+                        .saturating_mul((c_in / group) as usize)
+                        .saturating_mul(taps)
+                && bias.len() == c_out as usize
+                && requant.len() == c_out as usize;
+            if !fits {
+                return Err(CodecError::Invalid("plan", "convolution sizes disagree"));
+            }
+            Instr::Conv {
+                input,
+                window,
+                group,
+                c_in,
+                c_out,
+                weights: weights.into_iter().map(|w| w as i8).collect(),
+                bias,
+                requant,
+            }
+        }
+        12 => Instr::MaxPool {
+            input: u32::read(buf)?,
+            window: read_window(buf)?,
+        },
+        13 => Instr::AvgPool {
+            input: u32::read(buf)?,
+            window: read_window(buf)?,
+            count_include_pad: match u8::read(buf)? {
+                0 => false,
+                1 => true,
+                _ => return Err(CodecError::Invalid("plan", "bad flag")),
+            },
+        },
+        14 => Instr::ReduceSum {
+            input: u32::read(buf)?,
+            axes: read_axes(buf, rank)?,
+            requant: read_multiplier(buf)?,
+        },
+        15 => Instr::ReduceMinMax {
+            input: u32::read(buf)?,
+            axes: read_axes(buf, rank)?,
+            max: match u8::read(buf)? {
+                0 => false,
+                1 => true,
+                _ => return Err(CodecError::Invalid("plan", "bad flag")),
+            },
         },
         other => return Err(CodecError::InvalidEnum(other)),
     })

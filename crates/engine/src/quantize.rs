@@ -14,7 +14,7 @@ use crate::EngineError;
 use crate::exec::LOOKUP_ENTRIES;
 use crate::fixed::{ACTIVATION_MAX, Multiplier, WEIGHT_MAX};
 use crate::import::{LoadedModel, to_tract};
-use crate::ir::{BinaryOp, DimFact, Graph, Op, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, DimFact, Graph, Op, ReduceOp, UnaryOp, ValueId, Window};
 use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim, PlanInput, PlanOutput, PlanValue};
 
 /// Calibration runs in batches of at most this many samples along axis 0.
@@ -388,6 +388,41 @@ impl<'a> Builder<'a> {
                 from: *from as u32,
                 to: *to as u32,
             }),
+            Op::Conv { window, group } => self.conv(index, window, *group),
+            Op::MaxPool(window) => self.reshaping(node.inputs[0], |input| Instr::MaxPool {
+                input,
+                window: window.clone(),
+            }),
+            Op::AvgPool {
+                window,
+                count_include_pad,
+            } => {
+                let (input, scale) = self.activation(node.inputs[0])?;
+                let value = self.push(Instr::AvgPool {
+                    input,
+                    window: window.clone(),
+                    count_include_pad: *count_include_pad,
+                });
+                Ok(Quantized::Activation { value, scale })
+            }
+            Op::Reduce { op, axes } => {
+                let axes: Vec<u32> = axes.iter().map(|a| *a as u32).collect();
+                if *op == ReduceOp::Sum {
+                    let (input, scale) = self.activation(node.inputs[0])?;
+                    let out_scale = self.scale_of(output);
+                    let value = self.push(Instr::ReduceSum {
+                        input,
+                        axes,
+                        requant: Multiplier::from_f64(scale / out_scale),
+                    });
+                    return Ok(Quantized::Activation {
+                        value,
+                        scale: out_scale,
+                    });
+                }
+                let max = *op == ReduceOp::Max;
+                self.reshaping(node.inputs[0], |input| Instr::ReduceMinMax { input, axes, max })
+            }
             Op::Reshape { at, from, to } => {
                 let to_dims: Vec<u64> = to
                     .iter()
@@ -490,6 +525,48 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// A convolution with constant weights (input 1) and bias (input 2).
+    fn conv(&mut self, index: usize, window: &Window, group: usize) -> Result<Quantized, String> {
+        let graph = self.graph;
+        let node = &graph.nodes[index];
+        let Some(Quantized::Constant(kernel)) = self.quantized[node.inputs[1]].clone() else {
+            return Err("convolution weights that are not constant are not supported".into());
+        };
+        let shape = kernel.shape();
+        if shape.len() != window.kernel.len() + 2 || shape[2..] != window.kernel[..] || group == 0 {
+            return Err(format!("kernel of shape {shape:?} does not match the window"));
+        }
+        let (c_out, cig) = (shape[0], shape[1]);
+        if !c_out.is_multiple_of(group) {
+            return Err(format!("{c_out} output channels do not divide into {group} groups"));
+        }
+        let bias = match node.inputs.get(2) {
+            None => vec![0.0; c_out],
+            Some(b) => match &self.quantized[*b] {
+                Some(Quantized::Constant(b)) if b.len() == c_out => f32_data(b),
+                Some(Quantized::Constant(b)) if b.len() == 1 => vec![f32_data(b)[0]; c_out],
+                _ => return Err("a bias that is not one constant per output channel is not supported".into()),
+            },
+        };
+        let row = kernel.len() / c_out.max(1);
+        let w_data = f32_data(&kernel);
+        let rows: Vec<Vec<f64>> = w_data.chunks(row.max(1)).map(<[f64]>::to_vec).collect();
+        let (input, scale_x) = self.activation(node.inputs[0])?;
+        let scale_y = self.scale_of(node.output);
+        let channels = quantize_channels(&rows, &bias, scale_x, scale_y);
+        let value = self.push(Instr::Conv {
+            input,
+            window: window.clone(),
+            group: group as u32,
+            c_in: (cig * group) as u32,
+            c_out: c_out as u32,
+            weights: channels.weights,
+            bias: channels.bias,
+            requant: channels.requant,
+        });
+        Ok(Quantized::Activation { value, scale: scale_y })
+    }
+
     /// A product with a constant 2-D operand becomes one `Dense`, with a following bias add folded in.
     fn einsum(&mut self, index: usize, expr: &str) -> Result<Quantized, String> {
         let graph = self.graph;
@@ -509,35 +586,47 @@ impl<'a> Builder<'a> {
         let Some(Quantized::Constant(w)) = self.quantized[weights_value].clone() else {
             return Err("weights are not constant".into());
         };
+        // The activation's contracted axes must be its last ones; the weights hold those axes
+        // (in any order) and one output axis `n`.
         let w_chars: Vec<char> = w_axes.chars().collect();
-        let [w0, w1] = w_chars[..] else {
-            return Err(format!("weights with axes '{w_axes}' are not a matrix"));
+        let contracted: Vec<char> = act_axes.chars().filter(|c| !out_axes.contains(*c)).collect();
+        let n_axes: Vec<char> = w_chars.iter().copied().filter(|c| !contracted.contains(c)).collect();
+        let [n_axis] = n_axes[..] else {
+            return Err(format!("einsum {expr}: the weights must have exactly one output axis"));
         };
-        let k_axis = act_axes
-            .chars()
-            .last()
-            .filter(|c| (*c == w0 || *c == w1) && !out_axes.contains(*c))
-            .ok_or_else(|| format!("einsum {expr}: the contracted axis must be the last of the activation"))?;
-        let n_axis = if w0 == k_axis { w1 } else { w0 };
-        let expected_out: String = act_axes
-            .chars()
-            .filter(|c| *c != k_axis)
-            .chain(std::iter::once(n_axis))
-            .collect();
+        let kept = act_axes.len() - contracted.len();
+        let trailing = act_axes.chars().skip(kept).eq(contracted.iter().copied());
+        if contracted.is_empty() || !trailing || w_chars.len() != contracted.len() + 1 {
+            return Err(format!(
+                "einsum {expr}: the contracted axes must be the last of the activation and all in the weights"
+            ));
+        }
+        let expected_out: String = act_axes.chars().take(kept).chain(std::iter::once(n_axis)).collect();
         if out_axes != expected_out {
             return Err(format!(
                 "einsum {expr}: output axes must be the activation's, then the weights'"
             ));
         }
-        let (rows, cols) = (w.shape()[0], w.shape()[1]);
-        let (k, n) = if w0 == k_axis { (rows, cols) } else { (cols, rows) };
+        let w_shape = w.shape();
+        let position = |axis: char| w_chars.iter().position(|c| *c == axis).unwrap_or(0);
+        let mut w_strides = vec![1usize; w_shape.len()];
+        for axis in (0..w_shape.len().saturating_sub(1)).rev() {
+            w_strides[axis] = w_strides[axis + 1] * w_shape[axis + 1];
+        }
+        let k_dims: Vec<usize> = contracted.iter().map(|c| w_shape[position(*c)]).collect();
+        let k_strides: Vec<usize> = contracted.iter().map(|c| w_strides[position(*c)]).collect();
+        let k: usize = k_dims.iter().product();
+        let (n, n_stride) = (w_shape[position(n_axis)], w_strides[position(n_axis)]);
         let w_data = f32_data(&w);
+        // Element `kk` of the flattened contracted axes (activation order) for output `j`.
         let weight = |j: usize, kk: usize| {
-            if w0 == k_axis {
-                w_data[kk * cols + j]
-            } else {
-                w_data[j * cols + kk]
+            let mut rest = kk;
+            let mut offset = j * n_stride;
+            for (dim, stride) in k_dims.iter().zip(&k_strides).rev() {
+                offset += (rest % dim) * stride;
+                rest /= dim;
             }
+            w_data[offset]
         };
 
         // A bias: the only reader is an Add with a constant that varies along the last axis only.
@@ -562,26 +651,26 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        let (input, scale_x) = self.activation(act)?;
-        let scale_y = self.scale_of(output);
-        let mut weights = Vec::with_capacity(n * k);
-        let mut bias_q = Vec::with_capacity(n);
-        let mut requant = Vec::with_capacity(n);
-        for (j, b) in bias.iter().enumerate() {
-            let amax = (0..k).fold(0f64, |m, kk| m.max(weight(j, kk).abs()));
-            let scale_w = if amax > 0.0 { amax / f64::from(WEIGHT_MAX) } else { 1.0 };
-            weights.extend((0..k).map(|kk| round_saturate(weight(j, kk) / scale_w, i64::from(WEIGHT_MAX)) as i8));
-            let accumulator = scale_x * scale_w;
-            bias_q.push(round_saturate(b / accumulator, i64::MAX / 4));
-            requant.push(Multiplier::from_f64(accumulator / scale_y));
+        let (mut input, scale_x) = self.activation(act)?;
+        if contracted.len() > 1 {
+            // Several contracted axes: flatten them into one, which is what `Dense` contracts.
+            input = self.push(Instr::Reshape {
+                input,
+                at: kept as u32,
+                from_rank: contracted.len() as u32,
+                to: vec![k as u64],
+            });
         }
+        let scale_y = self.scale_of(output);
+        let rows: Vec<Vec<f64>> = (0..n).map(|j| (0..k).map(|kk| weight(j, kk)).collect()).collect();
+        let channels = quantize_channels(&rows, &bias, scale_x, scale_y);
         let value = self.push(Instr::Dense {
             input,
             k: k as u32,
             n: n as u32,
-            weights,
-            bias: bias_q,
-            requant,
+            weights: channels.weights,
+            bias: channels.bias,
+            requant: channels.requant,
         });
         let quantized = Quantized::Activation { value, scale: scale_y };
         if output != node.output {
@@ -590,6 +679,35 @@ impl<'a> Builder<'a> {
         }
         Ok(quantized)
     }
+}
+
+/// Weights quantized per output channel, with biases and requantization to match.
+struct Channels {
+    weights: Vec<i8>,
+    bias: Vec<i64>,
+    requant: Vec<Multiplier>,
+}
+
+/// Quantizes one row of weights per output channel to int8 with its own scale; the bias goes to
+/// the accumulator's scale (`scale_x * scale_w`) and the requantization from there to `scale_y`.
+fn quantize_channels(rows: &[Vec<f64>], bias: &[f64], scale_x: f64, scale_y: f64) -> Channels {
+    let mut channels = Channels {
+        weights: Vec::with_capacity(rows.iter().map(Vec::len).sum()),
+        bias: Vec::with_capacity(rows.len()),
+        requant: Vec::with_capacity(rows.len()),
+    };
+    for (row, b) in rows.iter().zip(bias) {
+        let amax = row.iter().fold(0f64, |m, w| m.max(w.abs()));
+        let scale_w = if amax > 0.0 { amax / f64::from(WEIGHT_MAX) } else { 1.0 };
+        channels.weights.extend(
+            row.iter()
+                .map(|w| round_saturate(w / scale_w, i64::from(WEIGHT_MAX)) as i8),
+        );
+        let accumulator = scale_x * scale_w;
+        channels.bias.push(round_saturate(b / accumulator, i64::MAX / 4));
+        channels.requant.push(Multiplier::from_f64(accumulator / scale_y));
+    }
+    channels
 }
 
 /// The lookup table of `f` from input scale to output scale.

@@ -1,5 +1,6 @@
-//! The exact plan of a real trained classifier: accuracy against the float model, exactness
-//! across kernels and thread counts, a canonical plan encoding, and trace proofs.
+//! The exact plans of real trained classifiers (two MLPs and a CNN on the digits data set):
+//! accuracy against the float model, exactness across kernels and thread counts, a canonical plan
+//! encoding, and trace proofs.
 
 use std::path::PathBuf;
 
@@ -37,6 +38,14 @@ fn argmax_rows(values: &[f32], width: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Every trained model fixture: the MLPs (MatMul, Add, Relu, Softmax) and the CNN (Conv,
+/// depthwise and grouped Conv, BatchNormalization, MaxPool, Clip, AveragePool, Flatten, Gemm).
+const MODELS: [&str; 3] = [
+    "models/digits_mlp_v1.onnx",
+    "models/digits_mlp_v2.onnx",
+    "models/digits_cnn.onnx",
+];
+
 fn plan_for(model_file: &str) -> (vouch_engine::LoadedModel, Plan) {
     let bytes = std::fs::read(fixture(model_file)).expect("model");
     let model = load_onnx(&bytes).expect("load");
@@ -47,7 +56,7 @@ fn plan_for(model_file: &str) -> (vouch_engine::LoadedModel, Plan) {
 
 #[test]
 fn exact_plan_agrees_with_the_float_model_on_held_out_digits() {
-    for model_file in ["models/digits_mlp_v1.onnx", "models/digits_mlp_v2.onnx"] {
+    for model_file in MODELS {
         let (model, plan) = plan_for(model_file);
         let test = tensors("data/digits_test.npz");
         let input = vec![named(&test, "input").clone()];
@@ -104,67 +113,77 @@ fn plans_are_deterministic_and_canonical() {
     }
     let (_, other) = plan_for("models/digits_mlp_v2.onnx");
     assert_ne!(other.id(), first.id());
+    let (_, cnn) = plan_for("models/digits_cnn.onnx");
+    let bytes = cnn.encode();
+    assert_eq!(Plan::decode(&bytes, &PlanLimits::default()).expect("decode"), cnn);
+    for name in ["Conv", "MaxPool", "AvgPool", "Dense"] {
+        assert!(cnn.instrs.iter().any(|i| i.name() == name), "the CNN plan has a {name}");
+    }
 }
 
 #[test]
 fn every_kernel_and_thread_count_gives_the_same_trace() {
-    let (_, plan) = plan_for("models/digits_mlp_v2.onnx");
-    let test = tensors("data/digits_test.npz");
-    let input = vec![named(&test, "input").clone()];
-    let reference = execute(
-        &plan,
-        &input,
-        &ExecOptions {
-            threads: 1,
-            simd: false,
-            ..ExecOptions::default()
-        },
-    )
-    .expect("run");
-    let root = TraceTree::new(&reference.values).root();
-    for threads in [1, 2, 3, 8] {
-        for simd in [false, true] {
-            let options = ExecOptions {
-                threads,
-                simd,
+    for model_file in ["models/digits_mlp_v2.onnx", "models/digits_cnn.onnx"] {
+        let (_, plan) = plan_for(model_file);
+        let test = tensors("data/digits_test.npz");
+        let input = vec![named(&test, "input").clone()];
+        let reference = execute(
+            &plan,
+            &input,
+            &ExecOptions {
+                threads: 1,
+                simd: false,
                 ..ExecOptions::default()
-            };
-            let run = execute(&plan, &input, &options).expect("run");
-            assert_eq!(
-                TraceTree::new(&run.values).root(),
-                root,
-                "threads {threads} simd {simd}"
-            );
-            assert_eq!(run.outputs, reference.outputs);
+            },
+        )
+        .expect("run");
+        let root = TraceTree::new(&reference.values).root();
+        for threads in [1, 2, 3, 8] {
+            for simd in [false, true] {
+                let options = ExecOptions {
+                    threads,
+                    simd,
+                    ..ExecOptions::default()
+                };
+                let run = execute(&plan, &input, &options).expect("run");
+                assert_eq!(
+                    TraceTree::new(&run.values).root(),
+                    root,
+                    "{model_file}: threads {threads} simd {simd}"
+                );
+                assert_eq!(run.outputs, reference.outputs);
+            }
         }
     }
 }
 
 #[test]
 fn any_value_proves_against_the_root_and_any_step_replays() {
-    let (_, plan) = plan_for("models/digits_mlp_v1.onnx");
-    let test = tensors("data/digits_test.npz");
-    let input = vec![named(&test, "input").clone()];
-    let run = execute(&plan, &input, &ExecOptions::default()).expect("run");
-    let tree = TraceTree::new(&run.values);
-    let root = tree.root();
-    for (index, value) in run.values.iter().enumerate() {
-        assert!(tree.prove(index).expect("proof").verify(&root, value));
-    }
-    let inputs = plan.inputs.len();
-    for (index, instr) in plan.instrs.iter().enumerate() {
-        // Operands are taken from the trace only after their proofs check out.
-        let operands: Vec<_> = instr
-            .inputs()
-            .iter()
-            .map(|v| {
-                let value = &run.values[*v as usize];
-                assert!(tree.prove(*v as usize).expect("proof").verify(&root, value));
-                value
-            })
-            .collect();
-        let replayed = execute_instr(&plan, index, &operands, &ExecOptions::default()).expect("replay");
-        assert_eq!(replayed, run.values[inputs + index], "instruction {index}");
+    for model_file in ["models/digits_mlp_v1.onnx", "models/digits_cnn.onnx"] {
+        let (_, plan) = plan_for(model_file);
+        let test = tensors("data/digits_test.npz");
+        let input = vec![named(&test, "input").clone()];
+        let run = execute(&plan, &input, &ExecOptions::default()).expect("run");
+        let tree = TraceTree::new(&run.values);
+        let root = tree.root();
+        for (index, value) in run.values.iter().enumerate() {
+            assert!(tree.prove(index).expect("proof").verify(&root, value));
+        }
+        let inputs = plan.inputs.len();
+        for (index, instr) in plan.instrs.iter().enumerate() {
+            // Operands are taken from the trace only after their proofs check out.
+            let operands: Vec<_> = instr
+                .inputs()
+                .iter()
+                .map(|v| {
+                    let value = &run.values[*v as usize];
+                    assert!(tree.prove(*v as usize).expect("proof").verify(&root, value));
+                    value
+                })
+                .collect();
+            let replayed = execute_instr(&plan, index, &operands, &ExecOptions::default()).expect("replay");
+            assert_eq!(replayed, run.values[inputs + index], "{model_file}: instruction {index}");
+        }
     }
 }
 
