@@ -7,7 +7,7 @@
 //! it produces never evaluates one. Building is deterministic: the same model and calibration
 //! give the same plan id.
 
-use tract_onnx::prelude::{IntoRunnable, OutletId, TValue, TVec, TypedModel};
+use tract_onnx::prelude::{IntoRunnable, OutletId, TValue, TVec, TypedModel, TypedRunnableModel};
 use vouch_tensor::{DType, NamedTensor, Tensor, TensorData};
 
 use crate::EngineError;
@@ -74,6 +74,26 @@ fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) ->
         };
         bound.push(tensor);
     }
+    // A model whose inputs all have fixed shapes may take one calibration input per input, each
+    // of exactly that shape, whatever their first dimensions.
+    let exactly_the_inputs = graph.inputs.iter().zip(&bound).all(|(v, t)| {
+        let shape = &graph.values[*v].shape;
+        shape.len() == t.shape().len()
+            && shape
+                .iter()
+                .zip(t.shape())
+                .all(|(d, n)| matches!(d, DimFact::Fixed(f) if f == n))
+    });
+    if exactly_the_inputs && bound.iter().any(|t| t.shape().first() != bound[0].shape().first()) {
+        let inputs: TVec<TValue> = bound
+            .iter()
+            .map(|t| to_tract(t).map(TValue::from))
+            .collect::<Result<_, _>>()
+            .map_err(bad)?;
+        let mut ranges = vec![0f64; graph.values.len()];
+        record_ranges(&runnable, inputs, &observed, &mut ranges)?;
+        return Ok(ranges);
+    }
     let samples = bound.first().and_then(|t| t.shape().first().copied()).unwrap_or(0);
     if samples == 0 || bound.iter().any(|t| t.shape().first() != Some(&samples)) {
         return Err(bad(
@@ -108,20 +128,32 @@ fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) ->
             })
             .collect::<Result<_, _>>()
             .map_err(bad)?;
-        let outputs = runnable
-            .run(inputs)
-            .map_err(|e| bad(format!("the float model failed: {e:#}")))?;
-        for (value, output) in observed.iter().zip(outputs.iter()) {
-            let cast = output.cast_to::<f32>().map_err(|e| bad(format!("{e:#}")))?;
-            let view = cast.to_plain_array_view::<f32>().map_err(|e| bad(format!("{e:#}")))?;
-            let amax = view
-                .iter()
-                .fold(0f64, |m, x| if x.is_finite() { m.max(f64::from(x.abs())) } else { m });
-            ranges[*value] = ranges[*value].max(amax);
-        }
+        record_ranges(&runnable, inputs, &observed, &mut ranges)?;
         start = end;
     }
     Ok(ranges)
+}
+
+/// Runs the float model once and widens each observed value's range to what it took.
+fn record_ranges(
+    runnable: &std::sync::Arc<TypedRunnableModel>,
+    inputs: TVec<TValue>,
+    observed: &[ValueId],
+    ranges: &mut [f64],
+) -> Result<(), EngineError> {
+    let bad = |reason: String| EngineError::Calibration(reason);
+    let outputs = runnable
+        .run(inputs)
+        .map_err(|e| bad(format!("the float model failed: {e:#}")))?;
+    for (value, output) in observed.iter().zip(outputs.iter()) {
+        let cast = output.cast_to::<f32>().map_err(|e| bad(format!("{e:#}")))?;
+        let view = cast.to_plain_array_view::<f32>().map_err(|e| bad(format!("{e:#}")))?;
+        let amax = view
+            .iter()
+            .fold(0f64, |m, x| if x.is_finite() { m.max(f64::from(x.abs())) } else { m });
+        ranges[*value] = ranges[*value].max(amax);
+    }
+    Ok(())
 }
 
 /// Rows `start..end` along axis 0.

@@ -1,5 +1,7 @@
-//! The ONNX backend node tests (onnx==1.22.0) on the float path: every test model is loaded,
-//! run on its reference inputs, and compared with its reference outputs.
+//! The ONNX backend node tests (onnx==1.22.0) on the float path and on the exact path: every test
+//! model is loaded, run on its reference inputs, and compared with its reference outputs. The
+//! exact path quantizes each model with its own test inputs as calibration data and must land
+//! within the tolerance its operation documents (see `EXACT_OPS`).
 //!
 //! The fixtures come from `scripts/fetch-fixtures` (the README's test command runs it first); the
 //! test fails, never skips, when they are missing. It reports how many pass and fails if fewer
@@ -8,7 +10,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use vouch_engine::{FloatModel, load_onnx};
+use vouch_engine::{ExecOptions, FloatModel, build_plan, execute, load_onnx};
 use vouch_tensor::{NamedTensor, TensorData, TensorLimits, read_tensor_proto};
 
 /// Tests that passed when this file was last updated (see README.md); a lower count fails.
@@ -68,6 +70,69 @@ fn widened(d: &TensorData) -> Option<Vec<i64>> {
         TensorData::Bool(v) => v.iter().map(|x| i64::from(*x)).collect(),
         _ => return None,
     })
+}
+
+/// Runs a test's model exactly, with its own inputs as calibration, and returns the largest error
+/// of any output relative to that output's largest magnitude.
+///
+/// The backend tests pass weights, shapes and axes as graph inputs; a published model holds them
+/// as initializers. Inputs after the first `keep` are moved into the graph's initializers.
+fn run_exact(dir: &Path, keep: usize) -> Result<f64, String> {
+    let bytes = std::fs::read(dir.join("model.onnx")).map_err(|e| e.to_string())?;
+    let data = dir.join("test_data_set_0");
+    let bytes = freeze_inputs(&bytes, &data, keep)?;
+    let model = load_onnx(&bytes).map_err(|e| e.to_string())?;
+    let graph = model.to_ir().map_err(|e| e.to_string())?;
+    let mut inputs = read_pbs(&data, "input_")?;
+    inputs.truncate(keep);
+    let expected = read_pbs(&data, "output_")?;
+    for (given, value) in inputs.iter_mut().zip(&graph.inputs) {
+        if given.name.is_none() {
+            given.name = Some(graph.values[*value].name.clone());
+        }
+    }
+    let plan = build_plan(&model, &graph, &inputs).map_err(|e| e.to_string())?;
+    let run = execute(&plan, &inputs, &ExecOptions::default()).map_err(|e| e.to_string())?;
+    if run.outputs.len() != expected.len() {
+        return Err(format!("{} outputs, expected {}", run.outputs.len(), expected.len()));
+    }
+    let mut worst = 0f64;
+    for (actual, expected) in run.outputs.iter().zip(&expected) {
+        if actual.tensor.shape() != expected.tensor.shape() {
+            return Err(format!(
+                "shape {:?}, expected {:?}",
+                actual.tensor.shape(),
+                expected.tensor.shape()
+            ));
+        }
+        let (TensorData::F32(a), TensorData::F32(e)) = (actual.tensor.data(), expected.tensor.data()) else {
+            if widened(actual.tensor.data()) == widened(expected.tensor.data()) {
+                continue;
+            }
+            return Err("integer outputs differ".into());
+        };
+        let amax = e.iter().fold(0f64, |m, x| m.max(f64::from(x.abs())));
+        let error = a.iter().zip(e).fold(0f64, |m, (a, e)| m.max(f64::from((a - e).abs())));
+        worst = worst.max(if amax > 0.0 { error / amax } else { error });
+    }
+    Ok(worst)
+}
+
+/// Moves graph inputs after the first `keep` into the initializers, with the test's values.
+fn freeze_inputs(model_bytes: &[u8], data: &Path, keep: usize) -> Result<Vec<u8>, String> {
+    use prost::Message;
+    use tract_onnx::pb::{ModelProto, TensorProto};
+    let mut model = ModelProto::decode(model_bytes).map_err(|e| e.to_string())?;
+    let graph = model.graph.as_mut().ok_or("no graph")?;
+    let frozen: Vec<_> = graph.input.drain(keep.min(graph.input.len())..).collect();
+    for (index, input) in frozen.into_iter().enumerate() {
+        let path = data.join(format!("input_{}.pb", keep + index));
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut tensor = TensorProto::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
+        tensor.name = input.name;
+        graph.initializer.push(tensor);
+    }
+    Ok(model.encode_to_vec())
 }
 
 fn run_one(dir: &Path) -> Result<(), String> {
@@ -137,4 +202,179 @@ fn onnx_backend_node_tests_on_the_float_path() {
         passed >= PASSING_AT_LEAST,
         "only {passed} pass, fewer than the {PASSING_AT_LEAST} recorded"
     );
+}
+
+/// Each operation the exact engine lowers, the backend tests that exercise it, and the largest
+/// error allowed relative to the output's largest magnitude. Products with int8 weights allow 2%
+/// (a weight is within 1/254 of its channel's largest); a 16-bit activation's rounding is 1/65534
+/// of its range, so data movement and pooling allow 0.1%; functions by lookup table allow 0.5%
+/// (input rounding moves steep functions by up to one table step); softmax allows 1%.
+///
+/// Each entry: the operation, its tolerance, how many leading inputs stay inputs (the rest are
+/// frozen into initializers, as weights are in a published model), and the tests.
+type ExactOp = (&'static str, f64, usize, &'static [&'static str]);
+const EXACT_OPS: &[ExactOp] = &[
+    (
+        "Gemm",
+        0.02,
+        1,
+        &[
+            "test_gemm_default_no_bias",
+            "test_gemm_transposeB",
+            "test_gemm_default_single_elem_vector_bias",
+        ],
+    ),
+    ("MatMul (constant weights)", 0.02, 1, &["test_matmul_2d"]),
+    (
+        "Conv",
+        0.02,
+        1,
+        &[
+            "test_conv_with_strides_padding",
+            "test_conv_with_strides_no_padding",
+            "test_basic_conv_with_padding",
+            "test_conv_with_autopad_same",
+        ],
+    ),
+    (
+        "Conv (asymmetric padding)",
+        0.02,
+        1,
+        &["test_conv_with_strides_and_asymmetric_padding"],
+    ),
+    ("Add", 0.001, 2, &["test_add", "test_add_bcast"]),
+    ("Sub", 0.001, 2, &["test_sub", "test_sub_bcast"]),
+    ("Mul", 0.001, 2, &["test_mul", "test_mul_bcast"]),
+    ("Div (by a constant)", 0.001, 1, &["test_div_example", "test_div"]),
+    ("Relu", 0.001, 1, &["test_relu"]),
+    ("LeakyRelu", 0.005, 1, &["test_leakyrelu", "test_leakyrelu_default"]),
+    (
+        "Clip",
+        0.001,
+        1,
+        &["test_clip_default_inbounds", "test_clip_example", "test_clip"],
+    ),
+    ("Sigmoid", 0.005, 1, &["test_sigmoid", "test_sigmoid_example"]),
+    ("Tanh", 0.005, 1, &["test_tanh", "test_tanh_example"]),
+    ("Erf", 0.005, 1, &["test_erf"]),
+    ("Gelu", 0.005, 1, &["test_gelu_default_1", "test_gelu_default_2"]),
+    ("Softmax", 0.01, 1, &["test_softmax_example", "test_softmax_axis_1"]),
+    (
+        "BatchNormalization",
+        0.001,
+        1,
+        &["test_batchnorm_example", "test_batchnorm_epsilon"],
+    ),
+    (
+        "MaxPool",
+        0.001,
+        1,
+        &[
+            "test_maxpool_2d_default",
+            "test_maxpool_2d_pads",
+            "test_maxpool_2d_strides",
+            "test_maxpool_1d_default",
+        ],
+    ),
+    (
+        "AveragePool",
+        0.001,
+        1,
+        &[
+            "test_averagepool_2d_default",
+            "test_averagepool_2d_strides",
+            "test_averagepool_2d_pads",
+        ],
+    ),
+    (
+        "GlobalAveragePool",
+        0.001,
+        1,
+        &["test_globalaveragepool", "test_globalaveragepool_precomputed"],
+    ),
+    (
+        "Reshape",
+        0.001,
+        1,
+        &["test_reshape_reordered_all_dims", "test_reshape_negative_dim"],
+    ),
+    (
+        "Flatten",
+        0.001,
+        1,
+        &["test_flatten_axis1", "test_flatten_default_axis"],
+    ),
+    (
+        "Transpose",
+        0.001,
+        1,
+        &["test_transpose_default", "test_transpose_all_permutations_1"],
+    ),
+    ("Squeeze", 0.001, 1, &["test_squeeze"]),
+    (
+        "Unsqueeze",
+        0.001,
+        1,
+        &["test_unsqueeze_axis_0", "test_unsqueeze_two_axes"],
+    ),
+    (
+        "ReduceSum",
+        0.001,
+        1,
+        &[
+            "test_reduce_sum_keepdims_example",
+            "test_reduce_sum_do_not_keepdims_example",
+        ],
+    ),
+    ("ReduceMax", 0.001, 1, &["test_reduce_max_keepdims_example"]),
+    (
+        "ReduceMean",
+        0.001,
+        1,
+        &[
+            "test_reduce_mean_keepdims_example",
+            "test_reduce_mean_do_not_keepdims_example",
+        ],
+    ),
+];
+
+#[test]
+fn onnx_backend_node_tests_on_the_exact_path() {
+    let root = node_tests();
+    assert!(
+        root.is_dir(),
+        "missing {}: run scripts/fetch-fixtures (scripts/test does)",
+        root.display()
+    );
+    let mut failures = Vec::new();
+    let mut lines = Vec::new();
+    for (op, tolerance, keep, tests) in EXACT_OPS {
+        for test in *tests {
+            let outcome = catch_unwind(AssertUnwindSafe(|| run_exact(&root.join(test), *keep)));
+            let line = match outcome {
+                Ok(Ok(error)) if error <= *tolerance => format!("{op}: {test}: relative error {error:.2e}"),
+                Ok(Ok(error)) => {
+                    failures.push(format!("{op}: {test}: relative error {error:.2e} > {tolerance}"));
+                    continue;
+                }
+                Ok(Err(reason)) => {
+                    failures.push(format!("{op}: {test}: {}", reason.lines().next().unwrap_or("")));
+                    continue;
+                }
+                Err(_) => {
+                    failures.push(format!("{op}: {test}: panicked"));
+                    continue;
+                }
+            };
+            lines.push(line);
+        }
+    }
+    let report = Path::new(env!("CARGO_TARGET_TMPDIR")).join("onnx-backend-exact-report.txt");
+    let _ = std::fs::write(&report, lines.join("\n"));
+    eprintln!(
+        "exact path: {} backend tests within tolerance ({})",
+        lines.len(),
+        report.display()
+    );
+    assert!(failures.is_empty(), "exact path failures:\n{}", failures.join("\n"));
 }

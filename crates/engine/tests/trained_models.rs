@@ -182,7 +182,11 @@ fn any_value_proves_against_the_root_and_any_step_replays() {
                 })
                 .collect();
             let replayed = execute_instr(&plan, index, &operands, &ExecOptions::default()).expect("replay");
-            assert_eq!(replayed, run.values[inputs + index], "{model_file}: instruction {index}");
+            assert_eq!(
+                replayed,
+                run.values[inputs + index],
+                "{model_file}: instruction {index}"
+            );
         }
     }
 }
