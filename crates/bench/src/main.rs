@@ -4,6 +4,11 @@
 //! hashing of the same file (one thread, and all threads), `cp` of it on the same disk, and the
 //! node's answers fetched by `curl` (which must be installed).
 //! Run it with `scripts/bench-hub`, which builds the release binaries first.
+//!
+//! `engine`: inferences per second of Vouch float, Vouch exact and tract on the same inputs; run
+//! it with `scripts/bench-engine`, which adds onnxruntime and prints ratios.
+
+mod engine;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -34,6 +39,27 @@ enum Bench {
         /// Working directory (on the disk to measure); default: a temporary directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Inferences per second of Vouch float, Vouch exact and tract (JSON lines).
+    Engine {
+        /// ONNX models taking `[batch, features]` float inputs.
+        #[arg(long, required = true)]
+        model: Vec<PathBuf>,
+        /// Calibration inputs for the exact plans.
+        #[arg(long)]
+        calibration: PathBuf,
+        /// Inputs, at least as many rows as the largest batch.
+        #[arg(long)]
+        input: PathBuf,
+        /// Batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        batch: Vec<usize>,
+        /// Thread counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Seconds spent measuring each case.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
     },
 }
 
@@ -284,5 +310,20 @@ fn hub(size_mib: u64, runs: usize, dir: Option<PathBuf>) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Bench::Hub { size_mib, runs, dir } => hub(size_mib, runs, dir),
+        Bench::Engine {
+            model,
+            calibration,
+            input,
+            batch,
+            threads,
+            seconds,
+        } => engine::run(&engine::EngineBench {
+            models: model,
+            calibration,
+            input,
+            batches: batch,
+            threads,
+            seconds,
+        }),
     }
 }

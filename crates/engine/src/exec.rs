@@ -565,9 +565,8 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     if w.weights.len() != w.c_out * row || w.bias.len() != w.c_out || w.requant.len() != w.c_out {
         return Err("weight, bias and requantization sizes disagree".into());
     }
-    if let Some(v) = x.data.iter().find(|v| v.unsigned_abs() > ACTIVATION_MAX as u32) {
-        return Err(format!("operand value {v} is outside the activation range"));
-    }
+    let operands = product_operands(&x.data)?;
+    let weights = widen_weights(w.weights);
     let mut shape = vec![batch, w.c_out];
     shape.extend_from_slice(&geometry.out_spatial);
     element_count(&shape, options)?;
@@ -575,7 +574,7 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     let positions = geometry.out_positions;
     let dot = if options.simd { dot_lanes } else { dot_scalar };
     let mut data = vec![0i32; batch * w.c_out * positions];
-    let mut patches = vec![0i32; positions * row];
+    let mut patches = vec![0i16; positions * row];
     for n in 0..batch {
         for g in 0..group {
             // im2col: one row of `cig * taps` inputs per output position; padding reads 0, which
@@ -583,7 +582,7 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
             for (p, patch) in patches.chunks_mut(row.max(1)).enumerate().take(positions) {
                 for ci in 0..cig {
                     let channel =
-                        &x.data[(n * w.c_in + g * cig + ci) * geometry.in_positions..][..geometry.in_positions];
+                        &operands[(n * w.c_in + g * cig + ci) * geometry.in_positions..][..geometry.in_positions];
                     let reads = &geometry.reads[p * geometry.taps..(p + 1) * geometry.taps];
                     for (slot, read) in patch[ci * geometry.taps..(ci + 1) * geometry.taps]
                         .iter_mut()
@@ -598,14 +597,14 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
             let patches = &patches;
             let channel = |o: usize, out: &mut [i32]| {
                 let oc = g * cog + o;
-                let weights = &w.weights[oc * row..(oc + 1) * row];
+                let weights = &weights[oc * row..(oc + 1) * row];
                 for (p, slot) in out.iter_mut().enumerate() {
                     let acc = dot(&patches[p * row..(p + 1) * row], weights) + w.bias[oc];
                     *slot = saturate(w.requant[oc].apply(acc));
                 }
             };
             let threads = options.threads.clamp(1, cog.max(1));
-            if threads == 1 || cog * positions * row < (1 << 16) || positions == 0 {
+            if threads == 1 || cog * positions * row < (1 << 18) || positions == 0 {
                 for (o, out) in out.chunks_mut(positions.max(1)).enumerate().take(cog) {
                     channel(o, out);
                 }
@@ -689,8 +688,8 @@ fn reduce(
     Ok(ITensor { shape, data })
 }
 
-/// Sums `x[k] * w[k]` exactly, one element at a time.
-fn dot_scalar(x: &[i32], w: &[i8]) -> i64 {
+/// Sums `x[k] * w[k]` exactly, one element at a time, in 64 bits.
+fn dot_scalar(x: &[i16], w: &[i16]) -> i64 {
     let mut sum = 0i64;
     for (a, b) in x.iter().zip(w) {
         sum += i64::from(*a) * i64::from(*b);
@@ -698,28 +697,40 @@ fn dot_scalar(x: &[i32], w: &[i8]) -> i64 {
     sum
 }
 
-/// Sums `x[k] * w[k]` exactly in 16 independent `i32` lanes over blocks of at most 512 products
-/// (each product is below 2^22, so a lane cannot overflow), then widens: the compiler turns the
-/// lanes into SIMD instructions.
-fn dot_lanes(x: &[i32], w: &[i8]) -> i64 {
-    const LANES: usize = 16;
+/// Sums `x[k] * w[k]` exactly in `i32` over blocks of at most 512 products, then widens. A product
+/// of an activation and an int8 weight is at most 32767 * 127 < 2^22, so a block's sum stays below
+/// 2^31; the compiler vectorizes the block (into multiply-add instructions on 16-bit pairs), and
+/// integer addition in any order gives the same sum.
+fn dot_lanes(x: &[i16], w: &[i16]) -> i64 {
     const BLOCK: usize = 512;
     let mut total = 0i64;
     for (xb, wb) in x.chunks(BLOCK).zip(w.chunks(BLOCK)) {
-        let mut lanes = [0i32; LANES];
-        let mut xc = xb.chunks_exact(LANES);
-        let mut wc = wb.chunks_exact(LANES);
-        for (xs, ws) in (&mut xc).zip(&mut wc) {
-            for lane in 0..LANES {
-                lanes[lane] += xs[lane] * i32::from(ws[lane]);
-            }
+        let mut sum = 0i32;
+        for (a, b) in xb.iter().zip(wb) {
+            sum += i32::from(*a) * i32::from(*b);
         }
-        for (a, b) in xc.remainder().iter().zip(wc.remainder()) {
-            lanes[0] += a * i32::from(*b);
-        }
-        total += lanes.iter().map(|v| i64::from(*v)).sum::<i64>();
+        total += i64::from(sum);
     }
     total
+}
+
+/// Activations as 16-bit operands of a product, refusing any value outside the activation range
+/// (the kernels' no-overflow bound assumes it; a plan feeding other integers into a product is
+/// refused rather than computed differently by different kernels).
+fn product_operands(values: &[i32]) -> Result<Vec<i16>, String> {
+    values
+        .iter()
+        .map(|v| {
+            i16::try_from(*v)
+                .ok()
+                .filter(|v| v.unsigned_abs() <= ACTIVATION_MAX as u16)
+                .ok_or_else(|| format!("operand value {v} is outside the activation range"))
+        })
+        .collect()
+}
+
+fn widen_weights(weights: &[i8]) -> Vec<i16> {
+    weights.iter().map(|w| i16::from(*w)).collect()
 }
 
 fn dense(
@@ -742,15 +753,12 @@ fn dense(
         *last = n;
     }
     element_count(&shape, options)?;
-    // The lane kernel's no-overflow bound assumes activations; a plan that feeds other integers
-    // into a product is refused rather than computed differently by different kernels.
-    if let Some(v) = x.data.iter().find(|v| v.unsigned_abs() > ACTIVATION_MAX as u32) {
-        return Err(format!("operand value {v} is outside the activation range"));
-    }
+    let operands = product_operands(&x.data)?;
+    let weights = widen_weights(weights);
     let rows = x.data.len().checked_div(k).unwrap_or(0);
     let dot = if options.simd { dot_lanes } else { dot_scalar };
     let row = |r: usize, out: &mut [i32]| {
-        let xr = &x.data[r * k..(r + 1) * k];
+        let xr = &operands[r * k..(r + 1) * k];
         for (j, slot) in out.iter_mut().enumerate() {
             let acc = dot(xr, &weights[j * k..(j + 1) * k]) + bias[j];
             *slot = saturate(requant[j].apply(acc));
@@ -759,7 +767,8 @@ fn dense(
     let mut data = vec![0i32; rows * n];
     let work = rows.saturating_mul(n).saturating_mul(k);
     let threads = options.threads.clamp(1, rows.max(1));
-    if threads == 1 || work < (1 << 16) || n == 0 {
+    // Below about a quarter of a million products, starting threads costs more than it saves.
+    if threads == 1 || work < (1 << 18) || n == 0 {
         for (r, out) in data.chunks_mut(n.max(1)).enumerate().take(rows) {
             row(r, out);
         }
@@ -933,9 +942,20 @@ mod tests {
 
     proptest! {
         #[test]
-        fn dot_kernels_agree(pairs in proptest::collection::vec((-32767i32..=32767, -127i8..=127), 0..3000)) {
-            let (x, w): (Vec<i32>, Vec<i8>) = pairs.into_iter().unzip();
+        fn dot_kernels_agree(pairs in proptest::collection::vec((-32767i16..=32767, -127i16..=127), 0..3000)) {
+            let (x, w): (Vec<i16>, Vec<i16>) = pairs.into_iter().unzip();
             prop_assert_eq!(dot_scalar(&x, &w), dot_lanes(&x, &w));
+        }
+    }
+
+    #[test]
+    fn dot_kernels_do_not_overflow_at_the_extremes() {
+        for len in [511, 512, 513, 5000] {
+            let x = vec![-32767i16; len];
+            let w = vec![127i16; len];
+            let expected = -32767i64 * 127 * len as i64;
+            assert_eq!(dot_lanes(&x, &w), expected);
+            assert_eq!(dot_scalar(&x, &w), expected);
         }
     }
 

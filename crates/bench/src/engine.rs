@@ -1,0 +1,125 @@
+//! `engine`: inferences per second of Vouch's float and exact paths and of tract, on the same
+//! inputs, at each batch size and thread count; printed as JSON lines for `scripts/bench-engine`,
+//! which adds onnxruntime measured in the same run and prints the ratios.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tract_onnx::prelude::*;
+use vouch_engine::{ExecOptions, FloatModel, build_plan, execute, load_onnx};
+use vouch_tensor::{NamedTensor, Tensor as VTensor, TensorData, TensorLimits, read_tensor_file};
+
+/// What one case measures.
+pub struct EngineBench {
+    /// ONNX models taking `[batch, features]` float inputs.
+    pub models: Vec<PathBuf>,
+    /// Calibration inputs for the exact plans.
+    pub calibration: PathBuf,
+    /// Inputs: a tensor of at least the largest batch size of rows.
+    pub input: PathBuf,
+    /// Batch sizes.
+    pub batches: Vec<usize>,
+    /// Thread counts.
+    pub threads: Vec<usize>,
+    /// Time spent measuring each case.
+    pub seconds: f64,
+}
+
+/// Runs `f` repeatedly for about `seconds` after a warm-up and returns calls per second.
+fn rate(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let budget = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut calls = 0u64;
+    while start.elapsed() < budget || calls < 5 {
+        f()?;
+        calls += 1;
+    }
+    Ok(calls as f64 / start.elapsed().as_secs_f64())
+}
+
+fn rows(input: &NamedTensor, count: usize) -> Result<NamedTensor> {
+    let shape = input.tensor.shape();
+    let TensorData::F32(values) = input.tensor.data() else {
+        bail!("benchmark inputs must be float32");
+    };
+    let width: usize = shape[1..].iter().product();
+    if shape[0] < count {
+        bail!("the input has {} rows, fewer than a batch of {count}", shape[0]);
+    }
+    let mut new_shape = shape.to_vec();
+    new_shape[0] = count;
+    Ok(NamedTensor {
+        name: input.name.clone(),
+        tensor: VTensor::new(new_shape, TensorData::F32(values[..count * width].to_vec()))?,
+    })
+}
+
+fn report(model: &str, engine: &str, batch: usize, threads: usize, calls_per_second: f64) {
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": model, "engine": engine, "batch": batch, "threads": threads,
+            "inferences_per_second": calls_per_second * batch as f64,
+        })
+    );
+}
+
+fn name_of(path: &Path) -> String {
+    path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string()
+}
+
+pub fn run(bench: &EngineBench) -> Result<()> {
+    let limits = TensorLimits::default();
+    let calibration = read_tensor_file(&bench.calibration, &limits)?;
+    let inputs = read_tensor_file(&bench.input, &limits)?;
+    let input = inputs.first().context("no input tensor")?;
+    for path in &bench.models {
+        let model_name = name_of(path);
+        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+        let loaded = load_onnx(&bytes)?;
+        let plan = build_plan(&loaded, &loaded.to_ir()?, &calibration)?;
+        let float = FloatModel::new(&loaded)?;
+        // tract on its own: the peer Vouch's float path is built on.
+        let tract_plan = onnx()
+            .model_for_path(path)?
+            .into_optimized()?
+            .into_runnable()?;
+        for &batch in &bench.batches {
+            let batch_input = rows(input, batch)?;
+            let TensorData::F32(values) = batch_input.tensor.data() else {
+                bail!("float32 inputs");
+            };
+            let tract_input: TValue = Tensor::from_shape(batch_input.tensor.shape(), values)?.into();
+            let given = [batch_input.clone()];
+            for &threads in &bench.threads {
+                let options = ExecOptions {
+                    threads,
+                    ..ExecOptions::default()
+                };
+                let exact = rate(bench.seconds, || {
+                    execute(&plan, &given, &options)?;
+                    Ok(())
+                })?;
+                report(&model_name, "vouch-exact", batch, threads, exact);
+            }
+            // tract's runner is single-threaded: one figure serves every thread count.
+            let float_rate = rate(bench.seconds, || {
+                float.run(&given)?;
+                Ok(())
+            })?;
+            let tract_rate = rate(bench.seconds, || {
+                tract_plan.run(tvec![tract_input.clone()])?;
+                Ok(())
+            })?;
+            for &threads in &bench.threads {
+                report(&model_name, "vouch-float", batch, threads, float_rate);
+                report(&model_name, "tract", batch, threads, tract_rate);
+            }
+        }
+    }
+    Ok(())
+}
