@@ -84,10 +84,7 @@ pub fn run(bench: &EngineBench) -> Result<()> {
         let plan = build_plan(&loaded, &loaded.to_ir()?, &calibration)?;
         let float = FloatModel::new(&loaded)?;
         // tract on its own: the peer Vouch's float path is built on.
-        let tract_plan = onnx()
-            .model_for_path(path)?
-            .into_optimized()?
-            .into_runnable()?;
+        let tract_plan = onnx().model_for_path(path)?.into_optimized()?.into_runnable()?;
         for &batch in &bench.batches {
             let batch_input = rows(input, batch)?;
             let TensorData::F32(values) = batch_input.tensor.data() else {
