@@ -467,16 +467,7 @@ fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
             out.put_u32(*input);
             out.put_u32(*k);
             out.put_u32(*n);
-            let bytes: Vec<u8> = weights.iter().map(|w| *w as u8).collect();
-            bytes.write(out);
-            bias.len().write(out);
-            for b in bias {
-                out.put_i64(*b);
-            }
-            requant.len().write(out);
-            for m in requant {
-                write_multiplier(*m, out);
-            }
+            write_channels(weights, bias, requant, out);
         }
         Instr::AddSub {
             a,
@@ -562,16 +553,7 @@ fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
             out.put_u32(*group);
             out.put_u32(*c_in);
             out.put_u32(*c_out);
-            let bytes: Vec<u8> = weights.iter().map(|w| *w as u8).collect();
-            bytes.write(out);
-            bias.len().write(out);
-            for b in bias {
-                out.put_i64(*b);
-            }
-            requant.len().write(out);
-            for m in requant {
-                write_multiplier(*m, out);
-            }
+            write_channels(weights, bias, requant, out);
         }
         Instr::MaxPool { input, window } => {
             out.put_u8(12);
@@ -601,6 +583,29 @@ fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
             out.put_u8(u8::from(*max));
         }
     }
+}
+
+/// Weights, biases and requantization factors of a product with constant weights.
+fn write_channels(weights: &[i8], bias: &[i64], requant: &[Multiplier], out: &mut Vec<u8>) {
+    let bytes: Vec<u8> = weights.iter().map(|w| *w as u8).collect();
+    bytes.write(out);
+    bias.len().write(out);
+    for b in bias {
+        out.put_i64(*b);
+    }
+    requant.len().write(out);
+    for m in requant {
+        write_multiplier(*m, out);
+    }
+}
+
+type ChannelParts = (Vec<i8>, Vec<i64>, Vec<Multiplier>);
+
+fn read_channels(buf: &mut impl Buf, max: usize) -> Result<ChannelParts, CodecError> {
+    let weights = Vec::<u8>::read_cfg(buf, &(RangeCfg::from(0..=max), ()))?;
+    let bias = vouch_codec::read_vec(buf, max, |b| i64::read(b))?;
+    let requant = vouch_codec::read_vec(buf, max, read_multiplier)?;
+    Ok((weights.into_iter().map(|w| w as i8).collect(), bias, requant))
 }
 
 fn write_u32s(values: &[u32], out: &mut Vec<u8>) {
@@ -672,9 +677,7 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
             let input = u32::read(buf)?;
             let k = u32::read(buf)?;
             let n = u32::read(buf)?;
-            let weights = Vec::<u8>::read_cfg(buf, &(RangeCfg::from(0..=max), ()))?;
-            let bias = vouch_codec::read_vec(buf, max, |b| i64::read(b))?;
-            let requant = vouch_codec::read_vec(buf, max, read_multiplier)?;
+            let (weights, bias, requant) = read_channels(buf, max)?;
             let channels = n as usize;
             if weights.len() != channels.saturating_mul(k as usize)
                 || bias.len() != channels
@@ -686,7 +689,7 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
                 input,
                 k,
                 n,
-                weights: weights.into_iter().map(|w| w as i8).collect(),
+                weights,
                 bias,
                 requant,
             }
@@ -750,9 +753,7 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
             let group = u32::read(buf)?;
             let c_in = u32::read(buf)?;
             let c_out = u32::read(buf)?;
-            let weights = Vec::<u8>::read_cfg(buf, &(RangeCfg::from(0..=max), ()))?;
-            let bias = vouch_codec::read_vec(buf, max, |b| i64::read(b))?;
-            let requant = vouch_codec::read_vec(buf, max, read_multiplier)?;
+            let (weights, bias, requant) = read_channels(buf, max)?;
             let taps: usize = window.kernel.iter().product();
             let fits = group > 0
                 && c_in.is_multiple_of(group)
@@ -772,7 +773,7 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
                 group,
                 c_in,
                 c_out,
-                weights: weights.into_iter().map(|w| w as i8).collect(),
+                weights,
                 bias,
                 requant,
             }
