@@ -603,24 +603,7 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
                     *slot = saturate(w.requant[oc].apply(acc));
                 }
             };
-            let threads = options.threads.clamp(1, cog.max(1));
-            if threads == 1 || cog * positions * row < (1 << 18) || positions == 0 {
-                for (o, out) in out.chunks_mut(positions.max(1)).enumerate().take(cog) {
-                    channel(o, out);
-                }
-            } else {
-                let per_thread = cog.div_ceil(threads);
-                std::thread::scope(|scope| {
-                    for (chunk_index, chunk) in out.chunks_mut(per_thread * positions).enumerate() {
-                        let channel = &channel;
-                        scope.spawn(move || {
-                            for (i, out) in chunk.chunks_mut(positions).enumerate() {
-                                channel(chunk_index * per_thread + i, out);
-                            }
-                        });
-                    }
-                });
-            }
+            for_each_row(out, positions, cog * positions * row, options.threads, channel);
         }
     }
     Ok(ITensor { shape, data })
@@ -765,27 +748,40 @@ fn dense(
         }
     };
     let mut data = vec![0i32; rows * n];
-    let work = rows.saturating_mul(n).saturating_mul(k);
-    let threads = options.threads.clamp(1, rows.max(1));
-    // Below about a quarter of a million products, starting threads costs more than it saves.
-    if threads == 1 || work < (1 << 18) || n == 0 {
-        for (r, out) in data.chunks_mut(n.max(1)).enumerate().take(rows) {
-            row(r, out);
-        }
-    } else {
-        let rows_per_thread = rows.div_ceil(threads);
-        std::thread::scope(|scope| {
-            for (chunk_index, chunk) in data.chunks_mut(rows_per_thread * n).enumerate() {
-                let row = &row;
-                scope.spawn(move || {
-                    for (i, out) in chunk.chunks_mut(n).enumerate() {
-                        row(chunk_index * rows_per_thread + i, out);
-                    }
-                });
-            }
-        });
-    }
+    for_each_row(
+        &mut data,
+        n,
+        rows.saturating_mul(n).saturating_mul(k),
+        options.threads,
+        row,
+    );
     Ok(ITensor { shape, data })
+}
+
+/// Fills `out`, rows of `width` elements, with `fill(row index, row)`, on up to `threads` threads
+/// when the `work` (products computed) is worth starting them for. Rows are independent, so the
+/// split cannot change a bit.
+fn for_each_row(out: &mut [i32], width: usize, work: usize, threads: usize, fill: impl Fn(usize, &mut [i32]) + Sync) {
+    let rows = out.len().checked_div(width).unwrap_or(0);
+    let threads = threads.clamp(1, rows.max(1));
+    // Below about a quarter of a million products, starting threads costs more than it saves.
+    if threads == 1 || work < (1 << 18) || width == 0 {
+        for (r, row) in out.chunks_mut(width.max(1)).enumerate().take(rows) {
+            fill(r, row);
+        }
+        return;
+    }
+    let rows_per_thread = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (chunk_index, chunk) in out.chunks_mut(rows_per_thread * width).enumerate() {
+            let fill = &fill;
+            scope.spawn(move || {
+                for (i, row) in chunk.chunks_mut(width).enumerate() {
+                    fill(chunk_index * rows_per_thread + i, row);
+                }
+            });
+        }
+    });
 }
 
 /// NumPy broadcasting of two tensors through `f`.
@@ -945,6 +941,86 @@ mod tests {
         fn dot_kernels_agree(pairs in proptest::collection::vec((-32767i16..=32767, -127i16..=127), 0..3000)) {
             let (x, w): (Vec<i16>, Vec<i16>) = pairs.into_iter().unzip();
             prop_assert_eq!(dot_scalar(&x, &w), dot_lanes(&x, &w));
+        }
+    }
+
+    /// A grouped, strided, dilated, padded convolution large enough to start threads: every
+    /// thread count and kernel gives the direct formula's bits.
+    #[test]
+    fn convolution_matches_the_direct_formula_on_every_path() {
+        let (batch, c_in, c_out, group, h, w) = (2usize, 32usize, 64usize, 2usize, 17usize, 15usize);
+        let window = Window {
+            kernel: vec![3, 2],
+            strides: vec![2, 1],
+            dilations: vec![1, 2],
+            pads_before: vec![1, 0],
+            pads_after: vec![2, 1],
+        };
+        let mut state = 12345u64;
+        let mut next = |range: i64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as i64 % (2 * range + 1) - range) as i32
+        };
+        let x = ITensor {
+            shape: vec![batch, c_in, h, w],
+            data: (0..batch * c_in * h * w).map(|_| next(32767)).collect(),
+        };
+        let cig = c_in / group;
+        let row = cig * 6;
+        let weights: Vec<i8> = (0..c_out * row).map(|_| next(127) as i8).collect();
+        let bias: Vec<i64> = (0..c_out).map(|_| i64::from(next(1 << 20))).collect();
+        let requant: Vec<Multiplier> = (0..c_out)
+            .map(|o| Multiplier::from_f64(1.0 / (3000.0 + o as f64)))
+            .collect();
+        let conv_weights = ConvWeights {
+            window: &window,
+            group,
+            c_in,
+            c_out,
+            weights: &weights,
+            bias: &bias,
+            requant: &requant,
+        };
+        let (out_h, out_w) = ((h + 3 - 3) / 2 + 1, (w + 1 - 3) + 1);
+        let mut expected = Vec::new();
+        for n in 0..batch {
+            for oc in 0..c_out {
+                let g = oc / (c_out / group);
+                for oy in 0..out_h {
+                    for ox in 0..out_w {
+                        let mut acc = bias[oc];
+                        for ci in 0..cig {
+                            for ky in 0..3 {
+                                for kx in 0..2 {
+                                    let y = (oy * 2 + ky) as i64 - 1;
+                                    let xx = (ox + kx * 2) as i64;
+                                    if y < 0 || y >= h as i64 || xx >= w as i64 {
+                                        continue;
+                                    }
+                                    let input = x.data[((n * c_in + g * cig + ci) * h + y as usize) * w + xx as usize];
+                                    let weight = weights[oc * row + ci * 6 + ky * 2 + kx];
+                                    acc += i64::from(input) * i64::from(weight);
+                                }
+                            }
+                        }
+                        expected.push(saturate(requant[oc].apply(acc)));
+                    }
+                }
+            }
+        }
+        for threads in [1, 2, 3] {
+            for simd in [false, true] {
+                let options = ExecOptions {
+                    threads,
+                    simd,
+                    ..ExecOptions::default()
+                };
+                let y = conv(&x, &conv_weights, &options).expect("conv");
+                assert_eq!(y.shape, vec![batch, c_out, out_h, out_w]);
+                assert!(y.data == expected, "threads {threads} simd {simd}");
+            }
         }
     }
 
