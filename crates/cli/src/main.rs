@@ -83,6 +83,12 @@ struct NodeArgs {
     /// Longest pause allowed inside a request body, in milliseconds.
     #[arg(long, default_value_t = NodeLimits::default().body_idle_timeout_ms)]
     body_idle_timeout_ms: u64,
+    /// Inferences run at once; more get 503.
+    #[arg(long, default_value_t = NodeLimits::default().max_concurrent_inferences)]
+    max_concurrent_inferences: usize,
+    /// Largest inference request body, in bytes.
+    #[arg(long, default_value_t = NodeLimits::default().max_infer_request_bytes)]
+    max_infer_request_bytes: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,6 +235,8 @@ async fn run_node(args: &NodeArgs, json: bool) -> Result<()> {
         max_concurrent_uploads: args.max_concurrent_uploads,
         request_timeout_ms: args.request_timeout_ms,
         body_idle_timeout_ms: args.body_idle_timeout_ms,
+        max_concurrent_inferences: args.max_concurrent_inferences,
+        max_infer_request_bytes: args.max_infer_request_bytes,
         ..NodeLimits::default()
     };
     limits.manifest.max_encoded_bytes = args.max_manifest_bytes;

@@ -288,6 +288,34 @@ fn models_without_plans_answer_at_level_none() {
         .run(&["verify", receipt_path.to_str().expect("utf8"), "--input", &input])
         .ok();
     assert!(checked.stdout.contains("level none"), "{}", checked.stdout);
+
+    // Asked directly, the node refuses to re-execute what has no plan.
+    let request = serde_json::json!({
+        "model": "acme/plain", "verify": "reexec", "nonce": 1,
+        "inputs": {"input": {"shape": [1, 64], "dtype": "float32", "data": vec![0.0f32; 64]}},
+    });
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/infer", net.node.url))
+            .json(&request)
+            .send()
+            .await
+            .expect("send");
+        assert_api_error(response, 422, "no_exact_plan").await;
+    });
+}
+
+#[test]
+fn a_node_at_its_inference_limit_answers_503() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(&dir.path().join("node"), &["--max-concurrent-inferences", "0"]);
+    let alice = User::with_key(&dir.path().join("alice"), &node.url);
+    alice.push("digits_mlp_v2.onnx", "acme/plain", "1");
+    let input = digits_file(dir.path(), "x.npy", 1);
+    alice
+        .run(&["infer", "acme/plain", "--input", &input])
+        .failed_with("too_many_inferences");
 }
 
 #[test]
