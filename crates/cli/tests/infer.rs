@@ -5,32 +5,22 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{NodeProcess, User, assert_api_error, fixture};
+use common::{NodeProcess, User, assert_api_error, data, digits, fixture};
 use vouch_crypto::{Digest, SecretKey};
 use vouch_tensor::{NamedTensor, Tensor, TensorData, TensorLimits, read_tensor_file, write_tensor_file};
 use vouch_types::Receipt;
 
-fn data(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/data")
-        .join(name)
-        .display()
-        .to_string()
+/// A data fixture's path as a command-line argument.
+fn data_arg(name: &str) -> String {
+    data(name).display().to_string()
 }
 
 /// The first `rows` held-out digits as one unnamed tensor, written to `dir/file`.
 fn digits_file(dir: &Path, file: &str, rows: usize) -> String {
-    let test = read_tensor_file(Path::new(&data("digits_test.npz")), &TensorLimits::default()).expect("fixture");
-    let input = test
-        .into_iter()
-        .find(|t| t.name.as_deref() == Some("input"))
-        .expect("input");
-    let TensorData::F32(values) = input.tensor.data() else {
-        panic!("float input");
-    };
-    let tensor = Tensor::new(vec![rows, 64], TensorData::F32(values[..rows * 64].to_vec())).expect("tensor");
+    let mut input = digits(rows);
+    input.name = None;
     let path = dir.join(file);
-    write_tensor_file(&path, &[NamedTensor { name: None, tensor }]).expect("write input");
+    write_tensor_file(&path, &[input]).expect("write input");
     path.display().to_string()
 }
 
@@ -55,7 +45,7 @@ impl Net {
     /// Pushes a fixture with its exact plan built from the digits calibration set.
     fn push_with_plan(&self, model: &str, version: &str) -> serde_json::Value {
         let file = fixture(model);
-        let calibration = data("digits_calibration.npz");
+        let calibration = data_arg("digits_calibration.npz");
         self.alice
             .run(&[
                 "model",
@@ -114,7 +104,7 @@ fn a_published_plan_runs_locally_on_the_node_and_is_verified_by_reexecution() {
             &input,
             "--exact",
             "--calibration",
-            &data("digits_calibration.npz"),
+            &data_arg("digits_calibration.npz"),
             "--json",
         ])
         .ok()
@@ -420,5 +410,23 @@ fn bad_requests_get_clear_errors_and_the_node_stays_up() {
         });
         let error = client.publish(&garbage).await.expect_err("not a plan");
         assert!(error.to_string().contains("invalid_plan"), "{error}");
+
+        // A real plan, but of another model (the ONNX backend's Relu test, input 'x').
+        let relu = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/fetched/onnx-1.22.0/onnx/backend/test/data/node/test_relu");
+        let relu_model =
+            vouch_engine::load_onnx(&std::fs::read(relu.join("model.onnx")).expect("fetched fixture")).expect("load");
+        let relu_input = std::fs::read(relu.join("test_data_set_0/input_0.pb")).expect("fetched fixture");
+        let calibration = vouch_tensor::read_tensor_proto(&relu_input, &TensorLimits::default()).expect("tensor");
+        let relu_plan = vouch_engine::build_plan(&relu_model, &relu_model.to_ir().expect("ir"), &[calibration])
+            .expect("plan")
+            .encode();
+        let stored = client.put_blob_bytes(relu_plan).await.expect("upload");
+        let foreign = manifest(vouch_types::PlanRef {
+            id: stored.id,
+            size: stored.size,
+        });
+        let error = client.publish(&foreign).await.expect_err("another model's plan");
+        assert!(error.to_string().contains("plan_mismatch"), "{error}");
     });
 }

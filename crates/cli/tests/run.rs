@@ -5,30 +5,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::User;
+use common::{User, data, digits};
 use vouch_tensor::{NamedTensor, Tensor, TensorData, TensorLimits, read_tensor_file, write_tensor_file};
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/data")
-        .join(name)
-}
-
-/// The first `rows` held-out digits, named `input`.
-fn digits(rows: usize) -> NamedTensor {
-    let test = read_tensor_file(&data("digits_test.npz"), &TensorLimits::default()).expect("fixture");
-    let input = test
-        .into_iter()
-        .find(|t| t.name.as_deref() == Some("input"))
-        .expect("input");
-    let TensorData::F32(values) = input.tensor.data() else {
-        panic!("float input");
-    };
-    NamedTensor {
-        name: Some("input".into()),
-        tensor: Tensor::new(vec![rows, 64], TensorData::F32(values[..rows * 64].to_vec())).expect("tensor"),
-    }
-}
 
 fn write(dir: &Path, file: &str, tensors: &[NamedTensor]) -> String {
     let path = dir.join(file);

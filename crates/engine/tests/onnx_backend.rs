@@ -274,6 +274,8 @@ const EXACT_OPS: &[ExactOp] = &[
             "test_maxpool_2d_pads",
             "test_maxpool_2d_strides",
             "test_maxpool_1d_default",
+            "test_maxpool_3d_default",
+            "test_maxpool_3d_dilations",
         ],
     ),
     (
@@ -284,6 +286,8 @@ const EXACT_OPS: &[ExactOp] = &[
             "test_averagepool_2d_default",
             "test_averagepool_2d_strides",
             "test_averagepool_2d_pads",
+            "test_averagepool_1d_default",
+            "test_averagepool_3d_default",
         ],
     ),
     (

@@ -18,7 +18,7 @@ use crate::api::{AppState, read_limited};
 use crate::error::ApiError;
 
 /// A model made ready to run, kept between requests.
-enum Prepared {
+pub(crate) enum Prepared {
     Float(FloatModel),
     Exact(Plan),
 }
@@ -28,12 +28,12 @@ type CacheKey = (ModelId, VerifyLevel);
 
 /// Prepared models, the most recently prepared last; bounded so that requests for many models
 /// cannot exhaust memory.
-pub(crate) struct ModelCache {
-    entries: Mutex<VecDeque<(CacheKey, Arc<Prepared>)>>,
+pub(crate) struct ModelCache<T = Prepared> {
+    entries: Mutex<VecDeque<(CacheKey, Arc<T>)>>,
     capacity: usize,
 }
 
-impl ModelCache {
+impl<T> ModelCache<T> {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             entries: Mutex::new(VecDeque::new()),
@@ -41,12 +41,12 @@ impl ModelCache {
         }
     }
 
-    fn get(&self, key: &CacheKey) -> Option<Arc<Prepared>> {
+    fn get(&self, key: &CacheKey) -> Option<Arc<T>> {
         let entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         entries.iter().find(|(k, _)| k == key).map(|(_, p)| p.clone())
     }
 
-    fn insert(&self, key: CacheKey, prepared: Arc<Prepared>) {
+    fn insert(&self, key: CacheKey, prepared: Arc<T>) {
         if self.capacity == 0 {
             return;
         }
@@ -157,14 +157,16 @@ fn answer(
 /// `POST /v1/infer`: the body is an [`InferRequest`]; the answer an [`InferResponse`].
 pub(crate) async fn infer(State(state): State<AppState>, body: Body) -> Result<Json<InferResponse>, ApiError> {
     let bytes = read_limited(body, state.limits.max_infer_request_bytes, "an inference request").await?;
-    let request: InferRequest = serde_json::from_slice(&bytes)
+    let mut request: InferRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request("invalid_request", format!("not an inference request: {e}")))?;
     drop(bytes);
     let reference: ModelRef = request
         .model
         .parse()
         .map_err(|e: vouch_types::NameError| ApiError::bad_request("invalid_reference", e.to_string()))?;
-    let inputs = vouch_tensor::from_json_value(request.inputs.clone(), &state.limits.inference_tensors)
+    // The inputs can be large: decode them out of the request rather than copying them.
+    let inputs_json = std::mem::take(&mut request.inputs);
+    let inputs = vouch_tensor::from_json_value(inputs_json, &state.limits.inference_tensors)
         .map_err(|e| ApiError::bad_request("invalid_inputs", e.to_string()))?;
     let slot = state.inference.slots.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
@@ -188,4 +190,36 @@ pub(crate) async fn infer(State(state): State<AppState>, body: Body) -> Result<J
     .await??;
     state.metrics.inferences.inc();
     Ok(Json(response))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vouch_types::BlobId;
+
+    fn key(name: &[u8], level: VerifyLevel) -> CacheKey {
+        (ModelId(BlobId::of(name)), level)
+    }
+
+    #[test]
+    fn the_cache_keeps_the_most_recently_prepared_up_to_its_capacity() {
+        let cache = ModelCache::<u32>::new(2);
+        cache.insert(key(b"a", VerifyLevel::Reexec), Arc::new(1));
+        cache.insert(key(b"a", VerifyLevel::None), Arc::new(2));
+        assert_eq!(cache.get(&key(b"a", VerifyLevel::Reexec)).as_deref(), Some(&1));
+        cache.insert(key(b"b", VerifyLevel::Reexec), Arc::new(3));
+        assert!(
+            cache.get(&key(b"a", VerifyLevel::Reexec)).is_none(),
+            "the oldest is evicted"
+        );
+        assert_eq!(cache.get(&key(b"a", VerifyLevel::None)).as_deref(), Some(&2));
+        assert_eq!(cache.get(&key(b"b", VerifyLevel::Reexec)).as_deref(), Some(&3));
+        // Re-inserting a key replaces it rather than growing the cache.
+        cache.insert(key(b"b", VerifyLevel::Reexec), Arc::new(4));
+        assert_eq!(cache.get(&key(b"b", VerifyLevel::Reexec)).as_deref(), Some(&4));
+        assert_eq!(cache.get(&key(b"a", VerifyLevel::None)).as_deref(), Some(&2));
+        let disabled = ModelCache::<u32>::new(0);
+        disabled.insert(key(b"a", VerifyLevel::None), Arc::new(1));
+        assert!(disabled.get(&key(b"a", VerifyLevel::None)).is_none());
+    }
 }

@@ -17,6 +17,30 @@ pub fn fixture(name: &str) -> PathBuf {
     path
 }
 
+/// A committed data fixture (`fixtures/data/NAME`).
+pub fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/data")
+        .join(name)
+}
+
+/// The first `rows` held-out digits, named `input` as the digit models name their input.
+pub fn digits(rows: usize) -> vouch_tensor::NamedTensor {
+    use vouch_tensor::{NamedTensor, Tensor, TensorData, TensorLimits, read_tensor_file};
+    let test = read_tensor_file(&data("digits_test.npz"), &TensorLimits::default()).expect("fixture");
+    let input = test
+        .into_iter()
+        .find(|t| t.name.as_deref() == Some("input"))
+        .expect("input");
+    let TensorData::F32(values) = input.tensor.data() else {
+        panic!("float input");
+    };
+    NamedTensor {
+        name: Some("input".into()),
+        tensor: Tensor::new(vec![rows, 64], TensorData::F32(values[..rows * 64].to_vec())).expect("tensor"),
+    }
+}
+
 /// A `vouch node` process; killed when dropped.
 pub struct NodeProcess {
     pub child: Child,
