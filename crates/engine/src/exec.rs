@@ -4,6 +4,8 @@
 //! lanes, blocking) cannot change a single bit; [`ExecOptions`] picks between kernels that add in
 //! different orders, and the exactness tests check they agree.
 
+mod indexing;
+
 use std::collections::HashMap;
 
 use vouch_tensor::{DType, NamedTensor, Tensor, TensorData};
@@ -377,7 +379,12 @@ fn run_instr(instr: &Instr, operands: &[&ITensor], options: &ExecOptions) -> Res
                 data,
             })
         }
-        Instr::Softmax { axis, exp_table, .. } => softmax(operands[0], *axis as usize, exp_table),
+        Instr::Softmax {
+            axis,
+            exp_table,
+            masked,
+            ..
+        } => softmax(operands[0], *axis as usize, exp_table, *masked),
         Instr::AddAxis { axis, .. } => {
             let x = operands[0];
             let axis = *axis as usize;
@@ -441,6 +448,55 @@ fn run_instr(instr: &Instr, operands: &[&ITensor], options: &ExecOptions) -> Res
             let extreme = if *max { values.max() } else { values.min() };
             extreme.unwrap_or(0)
         }),
+        Instr::Dim { axis, .. } => indexing::dim(operands[0], *axis),
+        Instr::Gather { axis, .. } => indexing::gather(operands[0], operands[1], *axis, options),
+        Instr::Embedding {
+            rows,
+            width,
+            table,
+            requant,
+            ..
+        } => indexing::embedding(
+            operands[0],
+            &indexing::EmbeddingTable {
+                rows: *rows as usize,
+                width: *width as usize,
+                table,
+                requant,
+            },
+            options,
+        ),
+        Instr::GatherNd { .. } => indexing::gather_nd(operands[0], operands[1], options),
+        Instr::Concat { axis, .. } => indexing::concat(operands, *axis, options),
+        Instr::Slice { axis, .. } => indexing::slice(
+            operands[0],
+            *axis,
+            indexing::scalar(operands[1], "a slice's start")?,
+            indexing::scalar(operands[2], "a slice's end")?,
+        ),
+        Instr::Range { .. } => indexing::range(
+            indexing::scalar(operands[0], "a range's start")?,
+            indexing::scalar(operands[1], "a range's end")?,
+            indexing::scalar(operands[2], "a range's step")?,
+            options,
+        ),
+        Instr::Expand { .. } => indexing::expand(operands[0], operands[1], options),
+        Instr::Rescale { factor, .. } => {
+            let x = operands[0];
+            Ok(ITensor {
+                shape: x.shape.clone(),
+                data: x.data.iter().map(|v| saturate(factor.apply(i64::from(*v)))).collect(),
+            })
+        }
+        Instr::Where { .. } => indexing::select(operands[0], operands[1], operands[2], options),
+        Instr::Compare {
+            op, scale_a, scale_b, ..
+        } => indexing::compare(operands[0], operands[1], *op, (*scale_a, *scale_b), options),
+        Instr::Logic { op, .. } => indexing::logic(operands[0], operands[1], *op, options),
+        Instr::RmsNorm {
+            axis, epsilon, requant, ..
+        } => rms_norm(operands[0], *axis as usize, *epsilon, *requant),
+        Instr::MatMul { requant, .. } => matmul(operands[0], operands[1], *requant, options),
     }
 }
 
@@ -841,7 +897,7 @@ fn broadcast(a: &ITensor, b: &ITensor, options: &ExecOptions, f: impl Fn(i32, i3
     Ok(ITensor { shape, data })
 }
 
-fn softmax(x: &ITensor, axis: usize, exp_table: &[u32]) -> Result<ITensor, String> {
+fn softmax(x: &ITensor, axis: usize, exp_table: &[u32], masked: bool) -> Result<ITensor, String> {
     let len = *x
         .shape
         .get(axis)
@@ -854,10 +910,18 @@ fn softmax(x: &ITensor, axis: usize, exp_table: &[u32]) -> Result<ITensor, Strin
         for i in 0..inner {
             let at = |j: usize| (o * len + j) * inner + i;
             let max = (0..len).map(|j| x.data[at(j)]).max().unwrap_or(0);
+            // A row entirely at the floor is all "minus infinity": every entry counts, as in float.
+            let floor = i32::try_from(-ACTIVATION_MAX).unwrap_or(i32::MIN);
+            let skip_floor = masked && max > floor;
             let mut sum = 0u64;
             for (j, e) in exps.iter_mut().enumerate() {
-                let distance = (i64::from(max) - i64::from(x.data[at(j)])) as usize;
-                *e = u64::from(exp_table.get(distance).copied().unwrap_or(0));
+                let value = x.data[at(j)];
+                let distance = (i64::from(max) - i64::from(value)) as usize;
+                *e = if skip_floor && value <= floor {
+                    0
+                } else {
+                    u64::from(exp_table.get(distance).copied().unwrap_or(0))
+                };
                 sum += *e;
             }
             if sum == 0 {
@@ -872,6 +936,129 @@ fn softmax(x: &ITensor, axis: usize, exp_table: &[u32]) -> Result<ITensor, Strin
         shape: x.shape.clone(),
         data,
     })
+}
+
+/// RMS normalization along `axis`: for each row `q`, `S = sum q^2 + epsilon`,
+/// `root = isqrt(S * 2^32)` (`sqrt(S) * 2^16` rounded down, exactly), `inv = floor(2^62 / root + 1/2)`,
+/// and `y = sat(rq(q * inv))`; a row with `root = 0` is all zeros and stays zeros.
+fn rms_norm(x: &ITensor, axis: usize, epsilon: u64, requant: Multiplier) -> Result<ITensor, String> {
+    let len = *x
+        .shape
+        .get(axis)
+        .ok_or_else(|| format!("axis {axis} is past rank {}", x.shape.len()))?;
+    let values = product_operands(&x.data)?;
+    let inner: usize = x.shape[axis + 1..].iter().product();
+    let outer: usize = x.shape[..axis].iter().product();
+    let mut data = vec![0i32; x.data.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| (o * len + j) * inner + i;
+            let squares: u128 = (0..len).map(|j| u128::from(values[at(j)].unsigned_abs()).pow(2)).sum();
+            let root = ((squares + u128::from(epsilon)) << 32).isqrt();
+            if root == 0 {
+                continue;
+            }
+            let inverse = ((1u128 << 63) + root) / (2 * root);
+            let inverse = i64::try_from(inverse).map_err(|_| "normalization factor out of range".to_owned())?;
+            for j in 0..len {
+                data[at(j)] = saturate(requant.apply(i64::from(values[at(j)]) * inverse));
+            }
+        }
+    }
+    Ok(ITensor {
+        shape: x.shape.clone(),
+        data,
+    })
+}
+
+/// Sums `x[k] * y[k]` of two activations exactly: a product is below 2^30, so two of them fit in
+/// `i32` (the pairwise multiply-add SIMD units do) before widening to 64 bits.
+fn dot_pairs(x: &[i16], y: &[i16]) -> i64 {
+    let mut total = 0i64;
+    let (xp, yp) = (x.chunks_exact(2), y.chunks_exact(2));
+    let (xr, yr) = (xp.remainder(), yp.remainder());
+    for (a, b) in xp.zip(yp) {
+        total += i64::from(i32::from(a[0]) * i32::from(b[0]) + i32::from(a[1]) * i32::from(b[1]));
+    }
+    total + dot_scalar(xr, yr)
+}
+
+/// The batch offsets (in rows) of an operand whose batch dimensions broadcast to `batch`.
+fn batch_offsets(dims: &[usize], batch: &[usize]) -> Vec<usize> {
+    let rank = batch.len();
+    let mut strides = vec![0usize; rank];
+    let mut step = 1;
+    for axis in (0..rank).rev() {
+        strides[axis] = if dims[axis] == 1 { 0 } else { step };
+        step *= dims[axis];
+    }
+    let count: usize = batch.iter().product();
+    let mut index = vec![0usize; rank];
+    let mut offsets = Vec::with_capacity(count);
+    for _ in 0..count {
+        offsets.push(index.iter().zip(&strides).map(|(i, s)| i * s).sum());
+        increment(&mut index, batch);
+    }
+    offsets
+}
+
+/// `y[.., m, n] = sat(rq(sum_k a[.., m, k] * b[.., n, k]))` with the batch axes broadcast.
+fn matmul(a: &ITensor, b: &ITensor, requant: Multiplier, options: &ExecOptions) -> Result<ITensor, String> {
+    let rank = a.shape.len().max(b.shape.len());
+    if rank < 2 || a.shape.len() < 2 || b.shape.len() < 2 {
+        return Err("a product needs two operands of rank 2 or more".into());
+    }
+    let pad = |s: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(1, rank - s.len())
+            .chain(s.iter().copied())
+            .collect()
+    };
+    let (sa, sb) = (pad(&a.shape), pad(&b.shape));
+    let (m, k) = (sa[rank - 2], sa[rank - 1]);
+    let n = sb[rank - 2];
+    if sb[rank - 1] != k {
+        return Err(format!(
+            "shapes {:?} and {:?} do not share the last axis",
+            a.shape, b.shape
+        ));
+    }
+    let mut batch = Vec::with_capacity(rank - 2);
+    for (x, y) in sa[..rank - 2].iter().zip(&sb[..rank - 2]) {
+        batch.push(match (x, y) {
+            (x, y) if x == y => *x,
+            (1, y) => *y,
+            (x, 1) => *x,
+            _ => return Err(format!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape)),
+        });
+    }
+    let mut shape = batch.clone();
+    shape.extend([m, n]);
+    element_count(&shape, options)?;
+    let (xa, xb) = (product_operands(&a.data)?, product_operands(&b.data)?);
+    let (offsets_a, offsets_b) = (
+        batch_offsets(&sa[..rank - 2], &batch),
+        batch_offsets(&sb[..rank - 2], &batch),
+    );
+    let dot = if options.simd { dot_pairs } else { dot_scalar };
+    let row = |r: usize, out: &mut [i32]| {
+        let (item, i) = (r / m.max(1), r % m.max(1));
+        let ar = (offsets_a[item] * m + i) * k;
+        let x = &xa[ar..ar + k];
+        for (j, slot) in out.iter_mut().enumerate() {
+            let br = (offsets_b[item] * n + j) * k;
+            *slot = saturate(requant.apply(dot(x, &xb[br..br + k])));
+        }
+    };
+    let rows = batch.iter().product::<usize>() * m;
+    let mut data = vec![0i32; rows * n];
+    for_each_row(
+        &mut data,
+        n,
+        rows.saturating_mul(n).saturating_mul(k),
+        options.threads,
+        row,
+    );
+    Ok(ITensor { shape, data })
 }
 
 fn move_axis(x: &ITensor, from: usize, to: usize) -> Result<ITensor, String> {
@@ -1044,7 +1231,7 @@ mod tests {
             shape: vec![1, 2],
             data: vec![5, 5],
         };
-        let y = softmax(&x, 1, &[65536, 30000]).expect("softmax");
+        let y = softmax(&x, 1, &[65536, 30000], false).expect("softmax");
         assert_eq!(y.data, vec![16384, 16384]);
     }
 

@@ -53,12 +53,16 @@ impl FloatModel {
             .output_outlets()
             .map_err(|e| EngineError::Import(format!("{e:#}")))?
             .iter()
-            .map(name_of)
+            .map(|outlet| {
+                typed
+                    .outlet_label(*outlet)
+                    .map_or_else(|| name_of(outlet), str::to_owned)
+            })
             .collect();
-        let runnable = typed
-            .clone()
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
+        let mut optimized = typed.clone();
+        let runnable = crate::import::declutter(&mut optimized)
+            .and_then(|()| optimized.optimize())
+            .and_then(|()| optimized.into_runnable())
             .map_err(|e| EngineError::Import(format!("{e:#}")))?;
         Ok(Self {
             runnable,

@@ -4,18 +4,21 @@ use std::collections::HashMap;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::DimLike;
+use tract_onnx::tract_core::ops::array::{Gather, GatherNd, MultiBroadcastTo, Range, Slice, TypedConcat};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool, PoolSpec, SumPool};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::konst::Const;
-use tract_onnx::tract_core::ops::nn::{DataFormat, LeakyRelu, Reduce, Reducer, Softmax, SoftmaxKind};
+use tract_onnx::tract_core::ops::logic::Iff;
+use tract_onnx::tract_core::ops::nn::{DataFormat, LeakyRelu, Reduce, Reducer, RmsNorm, Softmax, SoftmaxKind};
 use tract_onnx::tract_core::ops::source::TypedSource;
 use vouch_tensor::{DType, Tensor, TensorData};
 
 use crate::EngineError;
-use crate::ir::{BinaryOp, DimFact, Graph, Node, Op, ReduceOp, UnaryOp, Value, ValueId, Window};
+use crate::ir::{BinaryOp, CompareOp, DimFact, Graph, LogicOp, Node, Op, ReduceOp, UnaryOp, Value, ValueId, Window};
 
 /// An ONNX model loaded through tract: typed, shapes inferred, decluttered.
 #[derive(Debug, Clone)]
@@ -39,10 +42,10 @@ pub fn load_onnx(model_bytes: &[u8]) -> Result<LoadedModel, EngineError> {
         let inference = framework
             .model_for_proto_model(&proto)
             .map_err(|e| EngineError::NotOnnx(format!("{e:#}")))?;
-        let typed = inference
+        let mut typed = inference
             .into_typed()
-            .and_then(|m| m.into_decluttered())
             .map_err(|e| EngineError::Import(format!("{e:#}")))?;
+        declutter(&mut typed).map_err(|e| EngineError::Import(format!("{e:#}")))?;
         Ok(LoadedModel { typed })
     };
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|panic| {
@@ -55,6 +58,18 @@ pub fn load_onnx(model_bytes: &[u8]) -> Result<LoadedModel, EngineError> {
             "the ONNX importer failed on this model: {reason}"
         )))
     })
+}
+
+/// tract's declutter pipeline without its `FoldUniformMask` pass: in tract 0.23.9 that pass
+/// replaces an all-true boolean input by a `[1, 1, ..]` constant, and the `And` it fed then
+/// vanishes, losing the broadcast that input contributed (all-MiniLM-L6-v2's attention mask
+/// comes out `[batch, 1, 1, seq]` instead of `[batch, 1, seq, seq]` and the model fails to run).
+pub(crate) fn declutter(model: &mut TypedModel) -> TractResult<()> {
+    let mut optimizer = tract_onnx::tract_core::optim::Optimizer::declutter();
+    optimizer
+        .passes
+        .retain(|pass| !format!("{pass:?}").starts_with("FoldUniformMask"));
+    optimizer.optimize(model)
 }
 
 /// Checks that every graph output names a value the graph has.
@@ -105,14 +120,7 @@ impl LoadedModel {
             let fact = &node.outputs[0].fact;
             let dtype =
                 dtype_of(fact.datum_type).ok_or_else(|| unsupported(format!("produces {:?}", fact.datum_type)))?;
-            let shape = fact
-                .shape
-                .iter()
-                .map(|dim| match dim.to_usize() {
-                    Ok(n) => DimFact::Fixed(n),
-                    Err(_) => DimFact::Symbol(dim.to_string()),
-                })
-                .collect();
+            let shape = fact.shape.iter().map(dim_fact).collect();
             let inputs = node
                 .inputs
                 .iter()
@@ -125,7 +133,10 @@ impl LoadedModel {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let op = convert_op(model, node).map_err(unsupported)?;
+            let op = match fold_constant(model, node) {
+                Some(tensor) => Op::Const(tensor),
+                None => convert_op(model, node).map_err(unsupported)?,
+            };
             let value = graph.values.len();
             if let Op::Input(_) = op {
                 graph.inputs.push(value);
@@ -159,10 +170,52 @@ impl LoadedModel {
         // Inputs are numbered in the model's order, which eval order need not follow.
         graph.inputs = values_of(model.input_outlets(), "input")?;
         graph.outputs = values_of(model.output_outlets(), "output")?;
+        // Outputs go by the model's names for them, which decluttering may have moved off the
+        // node names.
+        let outlets = model
+            .output_outlets()
+            .map_err(|e| EngineError::Import(format!("{e:#}")))?;
+        for (value, outlet) in graph.outputs.iter().zip(outlets) {
+            // An output that is an input (a model that computes nothing) keeps the input's name.
+            if let Some(label) = model.outlet_label(*outlet).filter(|_| !graph.inputs.contains(value)) {
+                graph.values[*value].name = label.to_owned();
+            }
+        }
         for (index, value) in graph.inputs.iter().enumerate() {
             graph.nodes[*value].op = Op::Input(index);
         }
         Ok(graph)
+    }
+}
+
+/// Evaluates a node whose inputs are all constants (weights stored as int8 and dequantized in the
+/// graph, say), so the exact engine sees the constant itself. `None` leaves the node as it is.
+fn fold_constant(model: &TypedModel, node: &TypedNode) -> Option<Tensor> {
+    if node.inputs.is_empty() || node.op_as::<Const>().is_some() || node.outputs[0].fact.shape.as_concrete().is_none() {
+        return None;
+    }
+    let inputs: TVec<TValue> = node
+        .inputs
+        .iter()
+        .map(|outlet| {
+            let fact = model.outlet_fact(*outlet).ok()?;
+            let konst = fact.konst.as_ref()?;
+            // Symbolic dimensions are known only at run time.
+            if konst.datum_type() == DatumType::TDim {
+                return None;
+            }
+            Some(TValue::from((**konst).clone()))
+        })
+        .collect::<Option<_>>()?;
+    let outputs = node.op.eval_out_of_plan(inputs).ok()??;
+    tensor_from_tract(outputs.first()?).ok()
+}
+
+/// A tract dimension as a fact: a number, or the expression's text.
+fn dim_fact(dim: &TDim) -> DimFact {
+    match dim.to_usize() {
+        Ok(n) => DimFact::Fixed(n),
+        Err(_) => DimFact::Symbol(dim.to_string()),
     }
 }
 
@@ -292,7 +345,58 @@ fn convert_op(model: &TypedModel, node: &TypedNode) -> Result<Op, String> {
         return Ok(Op::Input(0));
     }
     if let Some(konst) = node.op_as::<Const>() {
-        return Ok(Op::Const(tensor_from_tract(konst.val())?));
+        let value = konst.val();
+        if value.datum_type() == DatumType::TDim {
+            let view = value.to_plain_array_view::<TDim>().map_err(|e| format!("{e:#}"))?;
+            if view.iter().any(|d| d.to_i64().is_err()) {
+                return Ok(Op::Dims {
+                    shape: value.shape().to_vec(),
+                    dims: view.iter().map(dim_fact).collect(),
+                });
+            }
+        }
+        return Ok(Op::Const(tensor_from_tract(value)?));
+    }
+    if let Some(gather) = node.op_as::<Gather>() {
+        if gather.output_type.is_some() {
+            return Err("gather with a conversion of its output is not supported".into());
+        }
+        return Ok(Op::Gather { axis: gather.axis });
+    }
+    if let Some(gather) = node.op_as::<GatherNd>() {
+        if gather.batch_dims != 0 {
+            return Err("GatherND with batch dimensions is not supported".into());
+        }
+        return Ok(Op::GatherNd);
+    }
+    if let Some(concat) = node.op_as::<TypedConcat>() {
+        return Ok(Op::Concat { axis: concat.axis });
+    }
+    if let Some(slice) = node.op_as::<Slice>() {
+        return Ok(Op::Slice {
+            axis: slice.axis,
+            start: dim_fact(&slice.start),
+            end: dim_fact(&slice.end),
+        });
+    }
+    if node.op_as::<Range>().is_some() {
+        return Ok(Op::Range);
+    }
+    if let Some(broadcast) = node.op_as::<MultiBroadcastTo>() {
+        return Ok(Op::Broadcast {
+            shape: broadcast.shape.iter().map(dim_fact).collect(),
+        });
+    }
+    if let Some(cast) = node.op_as::<Cast>() {
+        let to = dtype_of(cast.to).ok_or_else(|| format!("cast to {:?} is not supported", cast.to))?;
+        return Ok(Op::Cast { to });
+    }
+    if node.op_as::<Iff>().is_some() {
+        return Ok(Op::Where);
+    }
+    if let Some(norm) = node.op_as::<RmsNorm>() {
+        let eps = norm.eps.cast_to_scalar::<f32>().map_err(|e| format!("{e:#}"))?;
+        return Ok(Op::RmsNorm { axis: norm.axis, eps });
     }
     if let Some(einsum) = node.op_as::<EinSum>() {
         if einsum.q_params.is_some() {
@@ -310,12 +414,23 @@ fn convert_op(model: &TypedModel, node: &TypedNode) -> Result<Op, String> {
             "Div" => BinaryOp::Div,
             "Max" => BinaryOp::Max,
             "Min" => BinaryOp::Min,
+            "Eq" => return Ok(Op::Compare(CompareOp::Eq)),
+            "NE" => return Ok(Op::Compare(CompareOp::Ne)),
+            "LT" => return Ok(Op::Compare(CompareOp::Lt)),
+            "LTE" => return Ok(Op::Compare(CompareOp::Le)),
+            "GT" => return Ok(Op::Compare(CompareOp::Gt)),
+            "GTE" => return Ok(Op::Compare(CompareOp::Ge)),
+            "And" => return Ok(Op::Logic(LogicOp::And)),
+            "Or" => return Ok(Op::Logic(LogicOp::Or)),
+            "Xor" => return Ok(Op::Logic(LogicOp::Xor)),
             other => return Err(format!("binary operation {other} is not supported by the exact engine")),
         };
         return Ok(Op::Binary(op));
     }
     if let Some(unary) = node.op_as::<ElementWiseOp>() {
         let op = match unary.0.name().as_str() {
+            "Not" => return Ok(Op::Not),
+            "IsNan" => return Ok(Op::IsNan),
             "Sigmoid" => UnaryOp::Sigmoid,
             "Tanh" => UnaryOp::Tanh,
             "Erf" => UnaryOp::Erf,
@@ -353,14 +468,7 @@ fn convert_op(model: &TypedModel, node: &TypedNode) -> Result<Op, String> {
         return Ok(Op::Softmax { axis: *axis });
     }
     if let Some(axis_op) = node.op_as::<AxisOp>() {
-        let dims = |dims: &[TDim]| {
-            dims.iter()
-                .map(|d| match d.to_usize() {
-                    Ok(n) => DimFact::Fixed(n),
-                    Err(_) => DimFact::Symbol(d.to_string()),
-                })
-                .collect::<Vec<_>>()
-        };
+        let dims = |dims: &[TDim]| dims.iter().map(dim_fact).collect::<Vec<_>>();
         return Ok(match axis_op {
             AxisOp::Add(axis) => Op::AddAxis(*axis),
             AxisOp::Rm(axis) => Op::RemoveAxis(*axis),

@@ -115,6 +115,27 @@ pub enum ReduceOp {
     Min,
 }
 
+/// How two values compare (the result is 1 or 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum CompareOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// Logic on booleans (held as 1 and 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum LogicOp {
+    And,
+    Or,
+    Xor,
+}
+
 /// What an IR node computes.
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -172,6 +193,65 @@ pub enum Op {
         /// The axes reduced.
         axes: Vec<usize>,
     },
+    /// Integer constants that may name dimensions fixed only at run time (`batch`), with their
+    /// shape; a scalar has an empty shape.
+    Dims {
+        /// The shape.
+        shape: Vec<usize>,
+        /// The elements.
+        dims: Vec<DimFact>,
+    },
+    /// Picks entries of input 0 along `axis` by the integer indices of input 1.
+    Gather {
+        /// The axis indexed.
+        axis: usize,
+    },
+    /// Picks slices of input 0 by the index tuples in the last axis of input 1 (ONNX GatherND
+    /// with no batch dimensions).
+    GatherNd,
+    /// Joins inputs along an axis.
+    Concat {
+        /// The axis.
+        axis: usize,
+    },
+    /// `start..end` along one axis.
+    Slice {
+        /// The axis.
+        axis: usize,
+        /// First index kept.
+        start: DimFact,
+        /// One past the last index kept.
+        end: DimFact,
+    },
+    /// `start, start + step, ..` below `end` (inputs: three integer scalars).
+    Range,
+    /// Broadcasts input 0 to a shape.
+    Broadcast {
+        /// The shape.
+        shape: Vec<DimFact>,
+    },
+    /// Converts the element type.
+    Cast {
+        /// The type converted to.
+        to: DType,
+    },
+    /// `cond ? a : b` element-wise (inputs: cond, a, b), with broadcasting.
+    Where,
+    /// Element-wise comparison with broadcasting.
+    Compare(CompareOp),
+    /// Element-wise logic with broadcasting.
+    Logic(LogicOp),
+    /// Logical negation.
+    Not,
+    /// Whether each element is NaN.
+    IsNan,
+    /// `x / sqrt(mean(x^2 over axis) + eps)`: layer normalization once the mean is subtracted.
+    RmsNorm {
+        /// The axis.
+        axis: usize,
+        /// Added to the mean of squares.
+        eps: f32,
+    },
     /// Replaces the dimensions starting at `at` by others with the same element count.
     Reshape {
         /// First axis replaced.
@@ -201,6 +281,20 @@ impl Op {
             Self::MaxPool(_) => "MaxPool".into(),
             Self::AvgPool { .. } => "AvgPool".into(),
             Self::Reduce { op, .. } => format!("Reduce{op:?}"),
+            Self::Dims { .. } => "Dims".into(),
+            Self::Gather { .. } => "Gather".into(),
+            Self::GatherNd => "GatherNd".into(),
+            Self::Concat { .. } => "Concat".into(),
+            Self::Slice { .. } => "Slice".into(),
+            Self::Range => "Range".into(),
+            Self::Broadcast { .. } => "Broadcast".into(),
+            Self::Cast { to } => format!("Cast({to:?})"),
+            Self::Where => "Where".into(),
+            Self::Compare(op) => format!("Compare({op:?})"),
+            Self::Logic(op) => format!("{op:?}"),
+            Self::Not => "Not".into(),
+            Self::IsNan => "IsNan".into(),
+            Self::RmsNorm { .. } => "RmsNorm".into(),
         }
     }
 }

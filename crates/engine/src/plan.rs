@@ -11,7 +11,7 @@ use vouch_codec::{Error as CodecError, RangeCfg, Read, ReadExt, Write};
 use vouch_types::BlobId;
 
 use crate::fixed::Multiplier;
-pub use crate::ir::Window;
+pub use crate::ir::{CompareOp, LogicOp, Window};
 
 /// Largest kernel size, stride, dilation or padding a plan may give one spatial axis.
 pub const MAX_WINDOW_EXTENT: usize = 1 << 16;
@@ -152,6 +152,9 @@ pub enum Instr {
         axis: u32,
         /// `floor(2^16 * exp(-d * scale) + 1/2)` for `d = 0, 1, ..` until it reaches 0.
         exp_table: Vec<u32>,
+        /// Inputs at the floor, -32767, stand for minus infinity (masked attention) and get
+        /// `e_i = 0`, unless the whole row is at the floor.
+        masked: bool,
     },
     /// Inserts an axis of size 1.
     AddAxis {
@@ -230,6 +233,140 @@ pub enum Instr {
         /// `true`: the largest; `false`: the smallest.
         max: bool,
     },
+    /// The size of one axis of a value, as an integer scalar.
+    Dim {
+        /// The value.
+        input: PlanValue,
+        /// The axis.
+        axis: u32,
+    },
+    /// Entries of `input` along `axis` picked by integer `indices` (negative ones count from the
+    /// end); the output's shape is the input's with `axis` replaced by the indices' shape.
+    Gather {
+        /// The data.
+        input: PlanValue,
+        /// The indices.
+        indices: PlanValue,
+        /// The axis.
+        axis: u32,
+    },
+    /// Rows of a constant int8 table picked by integer `indices`, each row requantized by its own
+    /// factor: `y[.., j] = sat(rq_r(table[r][j]))` for `r = indices[..]` (an embedding).
+    Embedding {
+        /// The indices.
+        indices: PlanValue,
+        /// Rows of the table.
+        rows: u32,
+        /// Elements per row.
+        width: u32,
+        /// `rows * width` values, row-major.
+        table: Vec<i8>,
+        /// One factor per row, row scale to output scale.
+        requant: Vec<Multiplier>,
+    },
+    /// Slices of `input` picked by the index tuples along the last axis of `indices` (ONNX
+    /// GatherND without batch dimensions).
+    GatherNd {
+        /// The data.
+        input: PlanValue,
+        /// The index tuples.
+        indices: PlanValue,
+    },
+    /// The inputs joined along `axis`; they share a scale (or are all integers).
+    Concat {
+        /// The values joined.
+        inputs: Vec<PlanValue>,
+        /// The axis.
+        axis: u32,
+    },
+    /// `input[start..end]` along `axis`, with integer scalar bounds clamped to the axis.
+    Slice {
+        /// The data.
+        input: PlanValue,
+        /// The axis.
+        axis: u32,
+        /// First index kept.
+        start: PlanValue,
+        /// One past the last index kept.
+        end: PlanValue,
+    },
+    /// `start, start + step, ..` up to `end` (excluded), from three integer scalars.
+    Range {
+        /// First element.
+        start: PlanValue,
+        /// Bound, excluded.
+        end: PlanValue,
+        /// Step, not 0.
+        step: PlanValue,
+    },
+    /// `input` broadcast with the 1-D integer `shape` (ONNX Expand).
+    Expand {
+        /// The data.
+        input: PlanValue,
+        /// The shape.
+        shape: PlanValue,
+    },
+    /// `y = sat(rq(x))`: a value moved to another scale.
+    Rescale {
+        /// The operand.
+        input: PlanValue,
+        /// Input scale to output scale.
+        factor: Multiplier,
+    },
+    /// `y = cond != 0 ? a : b` with broadcasting; `a` and `b` share the output's scale.
+    Where {
+        /// The condition.
+        cond: PlanValue,
+        /// Taken where the condition holds.
+        a: PlanValue,
+        /// Taken elsewhere.
+        b: PlanValue,
+    },
+    /// `y = rq_a(a) op rq_b(b)` as 1 or 0, with broadcasting; the factors bring both operands to
+    /// one scale, without saturating.
+    Compare {
+        /// Left operand.
+        a: PlanValue,
+        /// Right operand.
+        b: PlanValue,
+        /// The comparison.
+        op: CompareOp,
+        /// Left factor.
+        scale_a: Multiplier,
+        /// Right factor.
+        scale_b: Multiplier,
+    },
+    /// Logic on values read as booleans (non-zero is true), giving 1 or 0, with broadcasting.
+    Logic {
+        /// Left operand.
+        a: PlanValue,
+        /// Right operand.
+        b: PlanValue,
+        /// The operation.
+        op: LogicOp,
+    },
+    /// `y = sat(rq(x * 2^46 / sqrt(sum x^2 + epsilon)))` along `axis` (exact integer square root,
+    /// see the exec module): RMS normalization, the core of layer normalization.
+    RmsNorm {
+        /// The operand.
+        input: PlanValue,
+        /// The axis normalized.
+        axis: u32,
+        /// `eps` in units of the input's scale squared, times the axis length.
+        epsilon: u64,
+        /// To the output scale.
+        requant: Multiplier,
+    },
+    /// `y[.., m, n] = sat(rq(sum_k a[.., m, k] * b[.., n, k]))`: a product of two activations,
+    /// batch axes broadcast.
+    MatMul {
+        /// Left operand, `[.., m, k]`.
+        a: PlanValue,
+        /// Right operand, transposed: `[.., n, k]`.
+        b: PlanValue,
+        /// Product scale to output scale.
+        requant: Multiplier,
+    },
     /// Replaces `from_rank` axes starting at `at` by `to` (one may be 0: inferred from the count).
     Reshape {
         /// The operand.
@@ -260,8 +397,22 @@ impl Instr {
             | Self::MaxPool { input, .. }
             | Self::AvgPool { input, .. }
             | Self::ReduceSum { input, .. }
-            | Self::ReduceMinMax { input, .. } => vec![*input],
-            Self::AddSub { a, b, .. } | Self::Mul { a, b, .. } => vec![*a, *b],
+            | Self::ReduceMinMax { input, .. }
+            | Self::Dim { input, .. }
+            | Self::Rescale { input, .. }
+            | Self::RmsNorm { input, .. } => vec![*input],
+            Self::Embedding { indices, .. } => vec![*indices],
+            Self::AddSub { a, b, .. }
+            | Self::Mul { a, b, .. }
+            | Self::Compare { a, b, .. }
+            | Self::Logic { a, b, .. }
+            | Self::MatMul { a, b, .. } => vec![*a, *b],
+            Self::Gather { input, indices, .. } | Self::GatherNd { input, indices } => vec![*input, *indices],
+            Self::Concat { inputs, .. } => inputs.clone(),
+            Self::Slice { input, start, end, .. } => vec![*input, *start, *end],
+            Self::Range { start, end, step } => vec![*start, *end, *step],
+            Self::Expand { input, shape } => vec![*input, *shape],
+            Self::Where { cond, a, b } => vec![*cond, *a, *b],
         }
     }
 
@@ -286,6 +437,20 @@ impl Instr {
             Self::ReduceSum { .. } => "ReduceSum",
             Self::ReduceMinMax { max: true, .. } => "ReduceMax",
             Self::ReduceMinMax { max: false, .. } => "ReduceMin",
+            Self::Dim { .. } => "Dim",
+            Self::Gather { .. } => "Gather",
+            Self::Embedding { .. } => "Embedding",
+            Self::GatherNd { .. } => "GatherNd",
+            Self::Concat { .. } => "Concat",
+            Self::Slice { .. } => "Slice",
+            Self::Range { .. } => "Range",
+            Self::Expand { .. } => "Expand",
+            Self::Rescale { .. } => "Rescale",
+            Self::Where { .. } => "Where",
+            Self::Compare { .. } => "Compare",
+            Self::Logic { .. } => "Logic",
+            Self::RmsNorm { .. } => "RmsNorm",
+            Self::MatMul { .. } => "MatMul",
         }
     }
 }
@@ -314,6 +479,8 @@ pub struct PlanLimits {
     pub max_elements: usize,
     /// Longest name, in bytes.
     pub max_name_bytes: usize,
+    /// Most values one concatenation joins.
+    pub max_concat_inputs: usize,
 }
 
 impl Default for PlanLimits {
@@ -324,6 +491,7 @@ impl Default for PlanLimits {
             max_rank: 8,
             max_elements: 1 << 28,
             max_name_bytes: 256,
+            max_concat_inputs: 1024,
         }
     }
 }
@@ -500,8 +668,14 @@ fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
             out.put_u32(*input);
             write_i32s(table, out);
         }
-        Instr::Softmax { input, axis, exp_table } => {
-            out.put_u8(6);
+        Instr::Softmax {
+            input,
+            axis,
+            exp_table,
+            masked,
+        } => {
+            // Tag 6 predates masking; a masked softmax is its own tag, so older plans keep their ids.
+            out.put_u8(if *masked { 30 } else { 6 });
             out.put_u32(*input);
             out.put_u32(*axis);
             exp_table.len().write(out);
@@ -581,6 +755,123 @@ fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
             out.put_u32(*input);
             write_u32s(axes, out);
             out.put_u8(u8::from(*max));
+        }
+        Instr::Dim { input, axis } => {
+            out.put_u8(16);
+            out.put_u32(*input);
+            out.put_u32(*axis);
+        }
+        Instr::Gather { input, indices, axis } => {
+            out.put_u8(17);
+            out.put_u32(*input);
+            out.put_u32(*indices);
+            out.put_u32(*axis);
+        }
+        Instr::Embedding {
+            indices,
+            rows,
+            width,
+            table,
+            requant,
+        } => {
+            out.put_u8(18);
+            out.put_u32(*indices);
+            out.put_u32(*rows);
+            out.put_u32(*width);
+            write_channels(table, &[], requant, out);
+        }
+        Instr::GatherNd { input, indices } => {
+            out.put_u8(19);
+            out.put_u32(*input);
+            out.put_u32(*indices);
+        }
+        Instr::Concat { inputs, axis } => {
+            out.put_u8(20);
+            write_u32s(inputs, out);
+            out.put_u32(*axis);
+        }
+        Instr::Slice {
+            input,
+            axis,
+            start,
+            end,
+        } => {
+            out.put_u8(21);
+            out.put_u32(*input);
+            out.put_u32(*axis);
+            out.put_u32(*start);
+            out.put_u32(*end);
+        }
+        Instr::Range { start, end, step } => {
+            out.put_u8(22);
+            out.put_u32(*start);
+            out.put_u32(*end);
+            out.put_u32(*step);
+        }
+        Instr::Expand { input, shape } => {
+            out.put_u8(23);
+            out.put_u32(*input);
+            out.put_u32(*shape);
+        }
+        Instr::Rescale { input, factor } => {
+            out.put_u8(24);
+            out.put_u32(*input);
+            write_multiplier(*factor, out);
+        }
+        Instr::Where { cond, a, b } => {
+            out.put_u8(25);
+            out.put_u32(*cond);
+            out.put_u32(*a);
+            out.put_u32(*b);
+        }
+        Instr::Compare {
+            a,
+            b,
+            op,
+            scale_a,
+            scale_b,
+        } => {
+            out.put_u8(26);
+            out.put_u32(*a);
+            out.put_u32(*b);
+            out.put_u8(match op {
+                CompareOp::Eq => 0,
+                CompareOp::Ne => 1,
+                CompareOp::Lt => 2,
+                CompareOp::Le => 3,
+                CompareOp::Gt => 4,
+                CompareOp::Ge => 5,
+            });
+            write_multiplier(*scale_a, out);
+            write_multiplier(*scale_b, out);
+        }
+        Instr::Logic { a, b, op } => {
+            out.put_u8(27);
+            out.put_u32(*a);
+            out.put_u32(*b);
+            out.put_u8(match op {
+                LogicOp::And => 0,
+                LogicOp::Or => 1,
+                LogicOp::Xor => 2,
+            });
+        }
+        Instr::RmsNorm {
+            input,
+            axis,
+            epsilon,
+            requant,
+        } => {
+            out.put_u8(28);
+            out.put_u32(*input);
+            out.put_u32(*axis);
+            out.put_u64(*epsilon);
+            write_multiplier(*requant, out);
+        }
+        Instr::MatMul { a, b, requant } => {
+            out.put_u8(29);
+            out.put_u32(*a);
+            out.put_u32(*b);
+            write_multiplier(*requant, out);
         }
     }
 }
@@ -723,10 +1014,11 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
             }
             Instr::Lookup { input, table }
         }
-        6 => Instr::Softmax {
+        tag @ (6 | 30) => Instr::Softmax {
             input: u32::read(buf)?,
             axis: u32::read(buf)?,
             exp_table: vouch_codec::read_vec(buf, crate::exec::LOOKUP_ENTRIES, |b| u32::read(b))?,
+            masked: tag == 30,
         },
         7 => Instr::AddAxis {
             input: u32::read(buf)?,
@@ -804,6 +1096,102 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
                 1 => true,
                 _ => return Err(CodecError::Invalid("plan", "bad flag")),
             },
+        },
+        16 => Instr::Dim {
+            input: u32::read(buf)?,
+            axis: u32::read(buf)?,
+        },
+        17 => Instr::Gather {
+            input: u32::read(buf)?,
+            indices: u32::read(buf)?,
+            axis: u32::read(buf)?,
+        },
+        18 => {
+            let indices = u32::read(buf)?;
+            let rows = u32::read(buf)?;
+            let width = u32::read(buf)?;
+            let (table, bias, requant) = read_channels(buf, max)?;
+            if table.len() != (rows as usize).saturating_mul(width as usize)
+                || !bias.is_empty()
+                || requant.len() != rows as usize
+            {
+                return Err(CodecError::Invalid("plan", "embedding sizes disagree"));
+            }
+            Instr::Embedding {
+                indices,
+                rows,
+                width,
+                table,
+                requant,
+            }
+        }
+        19 => Instr::GatherNd {
+            input: u32::read(buf)?,
+            indices: u32::read(buf)?,
+        },
+        20 => Instr::Concat {
+            inputs: vouch_codec::read_vec(buf, limits.max_concat_inputs, |b| u32::read(b))?,
+            axis: u32::read(buf)?,
+        },
+        21 => Instr::Slice {
+            input: u32::read(buf)?,
+            axis: u32::read(buf)?,
+            start: u32::read(buf)?,
+            end: u32::read(buf)?,
+        },
+        22 => Instr::Range {
+            start: u32::read(buf)?,
+            end: u32::read(buf)?,
+            step: u32::read(buf)?,
+        },
+        23 => Instr::Expand {
+            input: u32::read(buf)?,
+            shape: u32::read(buf)?,
+        },
+        24 => Instr::Rescale {
+            input: u32::read(buf)?,
+            factor: read_multiplier(buf)?,
+        },
+        25 => Instr::Where {
+            cond: u32::read(buf)?,
+            a: u32::read(buf)?,
+            b: u32::read(buf)?,
+        },
+        26 => Instr::Compare {
+            a: u32::read(buf)?,
+            b: u32::read(buf)?,
+            op: match u8::read(buf)? {
+                0 => CompareOp::Eq,
+                1 => CompareOp::Ne,
+                2 => CompareOp::Lt,
+                3 => CompareOp::Le,
+                4 => CompareOp::Gt,
+                5 => CompareOp::Ge,
+                other => return Err(CodecError::InvalidEnum(other)),
+            },
+            scale_a: read_multiplier(buf)?,
+            scale_b: read_multiplier(buf)?,
+        },
+        27 => Instr::Logic {
+            a: u32::read(buf)?,
+            b: u32::read(buf)?,
+            op: match u8::read(buf)? {
+                0 => LogicOp::And,
+                1 => LogicOp::Or,
+                2 => LogicOp::Xor,
+                other => return Err(CodecError::InvalidEnum(other)),
+            },
+        },
+        28 => Instr::RmsNorm {
+            input: u32::read(buf)?,
+            axis: u32::read(buf)?,
+            epsilon: u64::read(buf)?,
+            requant: read_multiplier(buf)?,
+        },
+        29 => Instr::MatMul {
+            a: u32::read(buf)?,
+            b: u32::read(buf)?,
+            requant: read_multiplier(buf)?,
         },
         other => return Err(CodecError::InvalidEnum(other)),
     })

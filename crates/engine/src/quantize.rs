@@ -14,11 +14,27 @@ use crate::EngineError;
 use crate::exec::LOOKUP_ENTRIES;
 use crate::fixed::{ACTIVATION_MAX, Multiplier, WEIGHT_MAX};
 use crate::import::{LoadedModel, to_tract};
-use crate::ir::{BinaryOp, DimFact, Graph, Op, ReduceOp, UnaryOp, ValueId, Window};
+use crate::ir::{BinaryOp, CompareOp, DimFact, Graph, Op, ReduceOp, UnaryOp, ValueId, Window};
 use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim, PlanInput, PlanOutput, PlanValue};
 
 /// Calibration runs in batches of at most this many samples along axis 0.
 const CALIBRATION_BATCH: usize = 256;
+
+/// Magnitudes from here up are "infinity" sentinels (attention masks add `-f32::MAX`): they do not
+/// widen a value's range, and quantize to the range's ends.
+const SENTINEL: f64 = 1.0e30;
+
+/// The scale of a value that held nothing but zeros and sentinels (a mask): its floor, -32767,
+/// stands for `-SENTINEL`, so adding it to anything saturates to the floor.
+const MASK_SCALE: f64 = SENTINEL / ACTIVATION_MAX as f64;
+
+/// What calibration saw of each value of the graph.
+struct Ranges {
+    /// The largest finite magnitude below [`SENTINEL`].
+    amax: Vec<f64>,
+    /// Whether a sentinel appeared.
+    sentinel: Vec<bool>,
+}
 
 /// What a value of the IR became in the plan.
 #[derive(Debug, Clone)]
@@ -40,8 +56,8 @@ pub fn build_plan(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor
     Builder::new(graph, ranges).build()
 }
 
-/// The largest magnitude each float value of the graph takes over the calibration inputs.
-fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) -> Result<Vec<f64>, EngineError> {
+/// The range each float value of the graph takes over the calibration inputs.
+fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) -> Result<Ranges, EngineError> {
     let bad = |reason: String| EngineError::Calibration(reason);
     let observed: Vec<ValueId> = (0..graph.values.len())
         .filter(|v| graph.values[*v].dtype == DType::Float32 && graph.constant(*v).is_none())
@@ -90,7 +106,7 @@ fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) ->
             .map(|t| to_tract(t).map(TValue::from))
             .collect::<Result<_, _>>()
             .map_err(bad)?;
-        let mut ranges = vec![0f64; graph.values.len()];
+        let mut ranges = Ranges::new(graph.values.len());
         record_ranges(&runnable, inputs, &observed, &mut ranges)?;
         return Ok(ranges);
     }
@@ -115,7 +131,7 @@ fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) ->
             "the model takes batches of {batch}; {samples} samples do not divide into them"
         )));
     }
-    let mut ranges = vec![0f64; graph.values.len()];
+    let mut ranges = Ranges::new(graph.values.len());
     let mut start = 0;
     while start < samples {
         let end = (start + batch).min(samples);
@@ -139,7 +155,7 @@ fn record_ranges(
     runnable: &std::sync::Arc<TypedRunnableModel>,
     inputs: TVec<TValue>,
     observed: &[ValueId],
-    ranges: &mut [f64],
+    ranges: &mut Ranges,
 ) -> Result<(), EngineError> {
     let bad = |reason: String| EngineError::Calibration(reason);
     let outputs = runnable
@@ -148,12 +164,24 @@ fn record_ranges(
     for (value, output) in observed.iter().zip(outputs.iter()) {
         let cast = output.cast_to::<f32>().map_err(|e| bad(format!("{e:#}")))?;
         let view = cast.to_plain_array_view::<f32>().map_err(|e| bad(format!("{e:#}")))?;
-        let amax = view
-            .iter()
-            .fold(0f64, |m, x| if x.is_finite() { m.max(f64::from(x.abs())) } else { m });
-        ranges[*value] = ranges[*value].max(amax);
+        for x in view.iter().map(|x| f64::from(x.abs())) {
+            if x >= SENTINEL {
+                ranges.sentinel[*value] = true;
+            } else if x > ranges.amax[*value] {
+                ranges.amax[*value] = x;
+            }
+        }
     }
     Ok(())
+}
+
+impl Ranges {
+    fn new(values: usize) -> Self {
+        Self {
+            amax: vec![0.0; values],
+            sentinel: vec![false; values],
+        }
+    }
 }
 
 /// Rows `start..end` along axis 0.
@@ -207,7 +235,7 @@ fn activation_scale(amax: f64) -> f64 {
 
 struct Builder<'a> {
     graph: &'a Graph,
-    ranges: Vec<f64>,
+    ranges: Ranges,
     readers: Vec<Vec<usize>>,
     quantized: Vec<Option<Quantized>>,
     instrs: Vec<Instr>,
@@ -215,7 +243,7 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
-    fn new(graph: &'a Graph, ranges: Vec<f64>) -> Self {
+    fn new(graph: &'a Graph, ranges: Ranges) -> Self {
         let mut readers = vec![Vec::new(); graph.values.len()];
         for (index, node) in graph.nodes.iter().enumerate() {
             for input in &node.inputs {
@@ -238,7 +266,10 @@ impl<'a> Builder<'a> {
     }
 
     fn scale_of(&self, value: ValueId) -> f64 {
-        activation_scale(self.ranges[value])
+        if self.ranges.sentinel[value] && self.ranges.amax[value] == 0.0 {
+            return MASK_SCALE;
+        }
+        activation_scale(self.ranges.amax[value])
     }
 
     fn build(mut self) -> Result<Plan, EngineError> {
@@ -337,10 +368,24 @@ impl<'a> Builder<'a> {
     /// What an IR value became; constants are placed in the plan when an activation needs them.
     fn operand(&mut self, value: ValueId) -> Result<Quantized, String> {
         match self.quantized[value].clone() {
+            Some(Quantized::Constant(tensor)) if tensor.dtype() != DType::Float32 => {
+                let data = f32_data(&tensor)
+                    .iter()
+                    .map(|x| {
+                        let fits = x.fract() == 0.0 && x.abs() <= f64::from(i32::MAX);
+                        fits.then_some(*x as i32)
+                            .ok_or_else(|| format!("integer constant {x} does not fit in 32 bits"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let placed = self.push(Instr::Const {
+                    shape: tensor.shape().iter().map(|d| *d as u64).collect(),
+                    data,
+                });
+                let quantized = Quantized::Integer { value: placed };
+                self.quantized[value] = Some(quantized.clone());
+                Ok(quantized)
+            }
             Some(Quantized::Constant(tensor)) => {
-                if tensor.dtype() != DType::Float32 {
-                    return Err("integer constants cannot feed arithmetic".into());
-                }
                 let data = f32_data(&tensor);
                 let amax = data.iter().fold(0f64, |m, x| m.max(x.abs()));
                 let scale = activation_scale(amax);
@@ -366,6 +411,80 @@ impl<'a> Builder<'a> {
             Quantized::Activation { value, scale } => Ok((value, scale)),
             _ => Err("needs a float operand".into()),
         }
+    }
+
+    fn integer(&mut self, value: ValueId) -> Result<PlanValue, String> {
+        match self.operand(value)? {
+            Quantized::Integer { value } => Ok(value),
+            _ => Err("needs an integer operand".into()),
+        }
+    }
+
+    /// A plan value holding an activation at `scale`: itself, or rescaled to it.
+    fn rescaled(&mut self, value: PlanValue, from: f64, to: f64) -> PlanValue {
+        if from == to {
+            return value;
+        }
+        self.push(Instr::Rescale {
+            input: value,
+            factor: Multiplier::from_f64(from / to),
+        })
+    }
+
+    /// An integer scalar holding a dimension: a constant, or the size of the model input axis
+    /// that carries the symbol.
+    fn dimension(&mut self, dim: &DimFact) -> Result<PlanValue, String> {
+        match dim {
+            DimFact::Fixed(n) => {
+                let n = i32::try_from(*n).map_err(|_| format!("dimension {n} does not fit in 32 bits"))?;
+                Ok(self.push(Instr::Const {
+                    shape: vec![],
+                    data: vec![n],
+                }))
+            }
+            DimFact::Symbol(symbol) => {
+                let graph = self.graph;
+                let found = graph.inputs.iter().enumerate().find_map(|(index, value)| {
+                    let axis = graph.values[*value]
+                        .shape
+                        .iter()
+                        .position(|d| matches!(d, DimFact::Symbol(s) if s == symbol))?;
+                    Some((index, axis))
+                });
+                let (input, axis) = found.ok_or_else(|| {
+                    format!("dimension '{symbol}' is not an axis of a model input (expressions are not supported)")
+                })?;
+                Ok(self.push(Instr::Dim {
+                    input: input as PlanValue,
+                    axis: axis as u32,
+                }))
+            }
+        }
+    }
+
+    /// A 1-D integer value holding dimensions.
+    fn dimensions(&mut self, dims: &[DimFact]) -> Result<PlanValue, String> {
+        if dims.iter().all(|d| matches!(d, DimFact::Fixed(_))) {
+            let data = dims
+                .iter()
+                .map(|d| match d {
+                    DimFact::Fixed(n) => {
+                        i32::try_from(*n).map_err(|_| format!("dimension {n} does not fit in 32 bits"))
+                    }
+                    DimFact::Symbol(_) => Ok(0),
+                })
+                .collect::<Result<_, _>>()?;
+            return Ok(self.push(Instr::Const {
+                shape: vec![dims.len() as u64],
+                data,
+            }));
+        }
+        let mut parts = Vec::with_capacity(dims.len());
+        for dim in dims {
+            let scalar = self.dimension(dim)?;
+            parts.push(self.push(Instr::AddAxis { input: scalar, axis: 0 }));
+        }
+        Ok(self.push(Instr::Concat { inputs: parts, axis: 0 }))
     }
 
     fn node(&mut self, index: usize) -> Result<Quantized, String> {
@@ -401,6 +520,7 @@ impl<'a> Builder<'a> {
                     input,
                     axis: *axis as u32,
                     exp_table,
+                    masked: self.ranges.sentinel[node.inputs[0]],
                 });
                 Ok(Quantized::Activation {
                     value,
@@ -455,6 +575,89 @@ impl<'a> Builder<'a> {
                 let max = *op == ReduceOp::Max;
                 self.reshaping(node.inputs[0], |input| Instr::ReduceMinMax { input, axes, max })
             }
+            Op::Dims { shape, dims } => match shape[..] {
+                [] if dims.len() == 1 => Ok(Quantized::Integer {
+                    value: self.dimension(&dims[0])?,
+                }),
+                [_] => Ok(Quantized::Integer {
+                    value: self.dimensions(dims)?,
+                }),
+                _ => Err("dimension constants of rank over 1 are not supported".into()),
+            },
+            Op::Gather { axis } => self.gather(node.inputs[0], node.inputs[1], *axis, output),
+            Op::GatherNd => {
+                let indices = self.integer(node.inputs[1])?;
+                self.reshaping(node.inputs[0], |input| Instr::GatherNd { input, indices })
+            }
+            Op::Concat { axis } => self.concat(&node.inputs, *axis),
+            Op::Slice { axis, start, end } => {
+                let (start, end) = (self.dimension(start)?, self.dimension(end)?);
+                self.reshaping(node.inputs[0], |input| Instr::Slice {
+                    input,
+                    axis: *axis as u32,
+                    start,
+                    end,
+                })
+            }
+            Op::Range => {
+                let start = self.integer(node.inputs[0])?;
+                let end = self.integer(node.inputs[1])?;
+                let step = self.integer(node.inputs[2])?;
+                let value = self.push(Instr::Range { start, end, step });
+                Ok(Quantized::Integer { value })
+            }
+            Op::Broadcast { shape } => {
+                let shape = self.dimensions(shape)?;
+                self.reshaping(node.inputs[0], |input| Instr::Expand { input, shape })
+            }
+            Op::Cast { to } => self.cast(node.inputs[0], *to, output),
+            Op::Where => self.select(node.inputs[0], node.inputs[1], node.inputs[2], output),
+            Op::Compare(op) => {
+                let (a, sa) = self.comparable(node.inputs[0])?;
+                let (b, sb) = self.comparable(node.inputs[1])?;
+                // Both sides to the finer scale, exactly where it is an integer multiple.
+                let common = sa.min(sb);
+                let value = self.push(Instr::Compare {
+                    a,
+                    b,
+                    op: *op,
+                    scale_a: Multiplier::from_f64(sa / common),
+                    scale_b: Multiplier::from_f64(sb / common),
+                });
+                Ok(Quantized::Integer { value })
+            }
+            Op::Logic(op) => {
+                let a = self.integer(node.inputs[0])?;
+                let b = self.integer(node.inputs[1])?;
+                let value = self.push(Instr::Logic { a, b, op: *op });
+                Ok(Quantized::Integer { value })
+            }
+            Op::Not => {
+                let a = self.integer(node.inputs[0])?;
+                let zero = self.push(Instr::Const {
+                    shape: vec![],
+                    data: vec![0],
+                });
+                let identity = Multiplier::from_f64(1.0);
+                let value = self.push(Instr::Compare {
+                    a,
+                    b: zero,
+                    op: CompareOp::Eq,
+                    scale_a: identity,
+                    scale_b: identity,
+                });
+                Ok(Quantized::Integer { value })
+            }
+            // A quantized value is an integer, never NaN: the answer is zeros of the input's shape.
+            Op::IsNan => {
+                let input = match self.operand(node.inputs[0])? {
+                    Quantized::Activation { value, .. } | Quantized::Integer { value } => value,
+                    _ => return Err("cannot test this operand".into()),
+                };
+                let value = self.push(Instr::Clamp { input, low: 0, high: 0 });
+                Ok(Quantized::Integer { value })
+            }
+            Op::RmsNorm { axis, eps } => self.rms_norm(node.inputs[0], *axis, *eps, output),
             Op::Reshape { at, from, to } => {
                 let to_dims: Vec<u64> = to
                     .iter()
@@ -557,6 +760,237 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// An activation, or an integer at scale 1, for comparing.
+    fn comparable(&mut self, value: ValueId) -> Result<(PlanValue, f64), String> {
+        match self.operand(value)? {
+            Quantized::Activation { value, scale } => Ok((value, scale)),
+            Quantized::Integer { value } => Ok((value, 1.0)),
+            _ => Err("cannot compare this operand".into()),
+        }
+    }
+
+    /// Rows of a constant table become an `Embedding` with int8 rows; anything else a `Gather`.
+    fn gather(&mut self, data: ValueId, indices: ValueId, axis: usize, output: ValueId) -> Result<Quantized, String> {
+        let indices = self.integer(indices)?;
+        if let Some(Quantized::Constant(table)) = self.quantized[data].clone()
+            && table.dtype() == DType::Float32
+            && table.shape().len() == 2
+            && axis == 0
+        {
+            let (rows, width) = (table.shape()[0], table.shape()[1]);
+            let values = f32_data(&table);
+            // The output's scale fits the whole table, not just the rows calibration picked.
+            let amax = values.iter().fold(0f64, |m, x| m.max(x.abs()));
+            let scale_y = activation_scale(amax.max(self.ranges.amax[output]));
+            let row_vectors: Vec<Vec<f64>> = values.chunks(width.max(1)).map(<[f64]>::to_vec).collect();
+            // Each row to int8 with its own scale; the "input" scale is 1 and there is no bias.
+            let channels = quantize_channels(&row_vectors, &vec![0.0; rows], 1.0, scale_y);
+            let value = self.push(Instr::Embedding {
+                indices,
+                rows: rows as u32,
+                width: width as u32,
+                table: channels.weights,
+                requant: channels.requant,
+            });
+            return Ok(Quantized::Activation { value, scale: scale_y });
+        }
+        self.reshaping(data, |input| Instr::Gather {
+            input,
+            indices,
+            axis: axis as u32,
+        })
+    }
+
+    /// Joins integers as they are, or activations at the coarsest of their scales (which none of
+    /// them saturates).
+    fn concat(&mut self, inputs: &[ValueId], axis: usize) -> Result<Quantized, String> {
+        let operands = inputs.iter().map(|v| self.operand(*v)).collect::<Result<Vec<_>, _>>()?;
+        if operands.iter().all(|q| matches!(q, Quantized::Integer { .. })) {
+            let inputs = operands
+                .iter()
+                .filter_map(|q| match q {
+                    Quantized::Integer { value } => Some(*value),
+                    _ => None,
+                })
+                .collect();
+            let value = self.push(Instr::Concat {
+                inputs,
+                axis: axis as u32,
+            });
+            return Ok(Quantized::Integer { value });
+        }
+        let activations: Vec<(PlanValue, f64)> = operands
+            .iter()
+            .map(|q| match q {
+                Quantized::Activation { value, scale } => Ok((*value, *scale)),
+                _ => Err("cannot join integers and floats".to_owned()),
+            })
+            .collect::<Result<_, _>>()?;
+        let scale = activations.iter().fold(0f64, |m, (_, s)| m.max(*s));
+        let inputs = activations
+            .iter()
+            .map(|(value, from)| self.rescaled(*value, *from, scale))
+            .collect();
+        let value = self.push(Instr::Concat {
+            inputs,
+            axis: axis as u32,
+        });
+        Ok(Quantized::Activation { value, scale })
+    }
+
+    fn cast(&mut self, input: ValueId, to: DType, output: ValueId) -> Result<Quantized, String> {
+        match (self.operand(input)?, to) {
+            (Quantized::Integer { value }, DType::Bool) => {
+                let zero = self.push(Instr::Const {
+                    shape: vec![],
+                    data: vec![0],
+                });
+                let identity = Multiplier::from_f64(1.0);
+                let value = self.push(Instr::Compare {
+                    a: value,
+                    b: zero,
+                    op: CompareOp::Ne,
+                    scale_a: identity,
+                    scale_b: identity,
+                });
+                Ok(Quantized::Integer { value })
+            }
+            (Quantized::Integer { value }, DType::Int64 | DType::Int32) => Ok(Quantized::Integer { value }),
+            (Quantized::Integer { value }, DType::Float32) => {
+                let scale = self.scale_of(output);
+                let value = self.rescaled(value, 1.0, scale);
+                Ok(Quantized::Activation { value, scale })
+            }
+            (Quantized::Activation { value, scale }, DType::Float32) => Ok(Quantized::Activation { value, scale }),
+            (_, to) => Err(format!("this cast to {to:?} is not supported by the exact engine")),
+        }
+    }
+
+    /// `cond ? a : b`. Activations meet at the output's scale, widened to each computed branch's
+    /// own so that passing a value through never saturates it.
+    fn select(&mut self, cond: ValueId, a: ValueId, b: ValueId, output: ValueId) -> Result<Quantized, String> {
+        let cond = self.integer(cond)?;
+        let computed = |q: &Option<Quantized>| !matches!(q, Some(Quantized::Constant(_)));
+        let (a_computed, b_computed) = (computed(&self.quantized[a]), computed(&self.quantized[b]));
+        match (self.operand(a)?, self.operand(b)?) {
+            (Quantized::Integer { value: a }, Quantized::Integer { value: b }) => {
+                let value = self.push(Instr::Where { cond, a, b });
+                Ok(Quantized::Integer { value })
+            }
+            (Quantized::Activation { value: a, scale: sa }, Quantized::Activation { value: b, scale: sb }) => {
+                let mut scale = self.scale_of(output);
+                if a_computed {
+                    scale = scale.max(sa);
+                }
+                if b_computed {
+                    scale = scale.max(sb);
+                }
+                let a = self.rescaled(a, sa, scale);
+                let b = self.rescaled(b, sb, scale);
+                let value = self.push(Instr::Where { cond, a, b });
+                Ok(Quantized::Activation { value, scale })
+            }
+            _ => Err("cannot choose between an integer and a float".into()),
+        }
+    }
+
+    /// RMS normalization: with `q` at scale `s` along an axis of `n`, `mean(x^2) + eps` is
+    /// `s^2 / n * (sum q^2 + n * eps / s^2)`, so the plan adds `epsilon = n * eps / s^2` to the
+    /// sum of squares and folds `sqrt(n)` into the requantization.
+    fn rms_norm(&mut self, input: ValueId, axis: usize, eps: f32, output: ValueId) -> Result<Quantized, String> {
+        let n = match self.graph.values[input].shape.get(axis) {
+            Some(DimFact::Fixed(n)) if *n > 0 => *n as f64,
+            _ => return Err("normalization over an axis of unknown size is not supported".into()),
+        };
+        let (value, scale) = self.activation(input)?;
+        let scale_y = self.scale_of(output);
+        let epsilon = (n * f64::from(eps) / (scale * scale))
+            .round()
+            .clamp(0.0, (1u64 << 62) as f64) as u64;
+        let value = self.push(Instr::RmsNorm {
+            input: value,
+            axis: axis as u32,
+            epsilon,
+            requant: Multiplier::from_f64(n.sqrt() / (scale_y * (1u64 << 46) as f64)),
+        });
+        Ok(Quantized::Activation { value, scale: scale_y })
+    }
+
+    /// Moves the axes of a value from the order `from` (one letter each) to `to`.
+    fn permute(&mut self, mut value: PlanValue, from: &[char], to: &[char]) -> PlanValue {
+        let mut current = from.to_vec();
+        for (position, axis) in to.iter().enumerate() {
+            let at = current.iter().position(|c| c == axis).unwrap_or(position);
+            if at != position {
+                value = self.push(Instr::MoveAxis {
+                    input: value,
+                    from: at as u32,
+                    to: position as u32,
+                });
+                let moved = current.remove(at);
+                current.insert(position, moved);
+            }
+        }
+        value
+    }
+
+    /// A product of two activations (attention): both are laid out as `[batch.., m, k]` and
+    /// `[batch.., n, k]`, multiplied by one `MatMul`, and the result moved to the einsum's order.
+    fn activation_product(
+        &mut self,
+        index: usize,
+        a_axes: &str,
+        b_axes: &str,
+        out_axes: &str,
+    ) -> Result<Quantized, String> {
+        let node = &self.graph.nodes[index];
+        let (a_chars, b_chars, out_chars): (Vec<char>, Vec<char>, Vec<char>) = (
+            a_axes.chars().collect(),
+            b_axes.chars().collect(),
+            out_axes.chars().collect(),
+        );
+        let unsupported = || format!("einsum {a_axes},{b_axes}->{out_axes} of two computed values is not supported");
+        let batch: Vec<char> = out_chars
+            .iter()
+            .copied()
+            .filter(|c| a_chars.contains(c) && b_chars.contains(c))
+            .collect();
+        let only = |side: &[char], other: &[char]| -> Vec<char> {
+            side.iter()
+                .copied()
+                .filter(|c| out_chars.contains(c) && !other.contains(c))
+                .collect()
+        };
+        let (m_axes, n_axes) = (only(&a_chars, &b_chars), only(&b_chars, &a_chars));
+        let k_axes: Vec<char> = a_chars
+            .iter()
+            .copied()
+            .filter(|c| b_chars.contains(c) && !out_chars.contains(c))
+            .collect();
+        let ([m], [n], [k]) = (&m_axes[..], &n_axes[..], &k_axes[..]) else {
+            return Err(unsupported());
+        };
+        let covered = |side: &[char]| side.len() == batch.len() + 2;
+        if !covered(&a_chars) || !covered(&b_chars) || out_chars.len() != batch.len() + 2 {
+            return Err(unsupported());
+        }
+        let (a, sa) = self.activation(node.inputs[0])?;
+        let (b, sb) = self.activation(node.inputs[1])?;
+        let a_order: Vec<char> = batch.iter().copied().chain([*m, *k]).collect();
+        let b_order: Vec<char> = batch.iter().copied().chain([*n, *k]).collect();
+        let a = self.permute(a, &a_chars, &a_order);
+        let b = self.permute(b, &b_chars, &b_order);
+        let scale = self.scale_of(node.output);
+        let product = self.push(Instr::MatMul {
+            a,
+            b,
+            requant: Multiplier::from_f64(sa * sb / scale),
+        });
+        let product_order: Vec<char> = batch.iter().copied().chain([*m, *n]).collect();
+        let value = self.permute(product, &product_order, &out_chars);
+        Ok(Quantized::Activation { value, scale })
+    }
+
     /// A convolution with constant weights (input 1) and bias (input 2).
     fn conv(&mut self, index: usize, window: &Window, group: usize) -> Result<Quantized, String> {
         let graph = self.graph;
@@ -613,7 +1047,7 @@ impl<'a> Builder<'a> {
             match (&self.quantized[node.inputs[0]], &self.quantized[node.inputs[1]]) {
                 (_, Some(Quantized::Constant(_))) => (node.inputs[0], node.inputs[1], a_axes, b_axes),
                 (Some(Quantized::Constant(_)), _) => (node.inputs[1], node.inputs[0], b_axes, a_axes),
-                _ => return Err("a product of two computed values is not supported yet".into()),
+                _ => return self.activation_product(index, &a_axes, &b_axes, &out_axes),
             };
         let Some(Quantized::Constant(w)) = self.quantized[weights_value].clone() else {
             return Err("weights are not constant".into());
