@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Measure onnxruntime on the models and inputs `vouch-bench engine` measured, check the exact
-plans' top-1 agreement with onnxruntime fp32 on the held-out inputs, and print one Markdown
-report with every engine's inferences per second as a ratio to onnxruntime's.
+"""Measure onnxruntime on the models and inputs `vouch-bench engine` measured, compare the exact
+plans with onnxruntime fp32 on the held-out inputs, and print one Markdown report with every
+engine's inferences per second as a ratio to onnxruntime's.
 
-Used by scripts/bench-engine; arguments: RUST_RESULTS.jsonl VOUCH_BINARY CALIBRATION INPUT LABELS MODEL...
+Used by scripts/bench-engine; arguments: RUST_RESULTS.jsonl VOUCH_BINARY CASE..., where a CASE is
+MODEL,CALIBRATION,INPUT[,LABELS]: classifiers (with LABELS) are compared by top-1 agreement,
+sentence encoders (inputs with an `attention_mask`) by the cosine of mean-pooled embeddings.
 """
 import json
 import pathlib
@@ -34,21 +36,43 @@ def session(model, threads):
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
+def feed(s, inputs, batch):
+    """The model's inputs by name (or the only array for a one-input model), first `batch` rows."""
+    names = [i.name for i in s.get_inputs()]
+    if len(names) == 1 and len(inputs) == 1:
+        return {names[0]: next(iter(inputs.values()))[:batch]}
+    return {name: inputs[name][:batch] for name in names}
+
+
+def exact_outputs(vouch, model, calibration, test_input):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "out.npz"
+        subprocess.run([vouch, "run", model, "--input", test_input, "--exact", "--calibration",
+                        calibration, "-o", str(out)], check=True, stdout=subprocess.DEVNULL)
+        with np.load(out) as arrays:
+            return arrays[arrays.files[0]]
+
+
+def pooled(hidden, mask):
+    mask = mask.astype(np.float64)[:, :, None]
+    mean = (hidden.astype(np.float64) * mask).sum(1) / mask.sum(1)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
 def main():
-    results_path, vouch, calibration, test_input, labels_path, *models = sys.argv[1:]
+    results_path, vouch, *specs = sys.argv[1:]
+    cases_given = [spec.split(",") for spec in specs]
     rows = [json.loads(line) for line in open(results_path) if line.strip()]
-    x = np.load(test_input)["input"].astype(np.float32)
-    labels = np.load(labels_path)
     cases = sorted({(r["model"], r["batch"], r["threads"]) for r in rows})
-    seconds = 1.0
-    for model in models:
+    for model, _calibration, test_input, *_ in cases_given:
         name = pathlib.Path(model).stem
+        inputs = dict(np.load(test_input))
         for (m, batch, threads) in cases:
             if m != name:
                 continue
             s = session(model, threads)
-            feed = {s.get_inputs()[0].name: x[:batch]}
-            r = rate(seconds, lambda: s.run(None, feed))
+            given = feed(s, inputs, batch)
+            r = rate(1.0, lambda: s.run(None, given))
             rows.append({"model": name, "engine": "onnxruntime", "batch": batch, "threads": threads,
                          "inferences_per_second": r * batch})
     print(f"onnxruntime {ort.__version__}, numpy {np.__version__}\n")
@@ -60,22 +84,29 @@ def main():
         cells = []
         for engine in ["vouch-exact", "vouch-float", "tract"]:
             value = index[(model, engine, batch, threads)]
-            cells.append(f"{value:,.0f} ({value / base:.2f}x)")
-        print(f"| {model} | {batch} | {threads} | {base:,.0f} | " + " | ".join(cells) + " |")
-    print("\nTop-1 agreement of the exact plan with onnxruntime fp32 on the held-out digits:\n")
-    print("| model | held-out inputs | agreement | exact accuracy | onnxruntime accuracy |")
-    print("|---|---:|---:|---:|---:|")
-    for model in models:
+            cells.append(f"{value:,.1f} ({value / base:.2f}x)")
+        print(f"| {model} | {batch} | {threads} | {base:,.1f} | " + " | ".join(cells) + " |")
+
+    print("\nThe exact plans against onnxruntime fp32 on held-out inputs:\n")
+    print("| model | held-out inputs | measure | exact vs onnxruntime | exact task accuracy | onnxruntime task accuracy |")
+    print("|---|---:|---|---:|---:|---:|")
+    for model, calibration, test_input, *labels in cases_given:
         name = pathlib.Path(model).stem
-        with tempfile.TemporaryDirectory() as tmp:
-            out = pathlib.Path(tmp) / "out.npy"
-            subprocess.run([vouch, "run", model, "--input", test_input, "--exact", "--calibration",
-                            calibration, "-o", str(out)], check=True, stdout=subprocess.DEVNULL)
-            exact = np.load(out)
-        reference = session(model, 1).run(None, {"input": x})[0]
-        agree = (exact.argmax(1) == reference.argmax(1)).mean()
-        print(f"| {name} | {len(x)} | {agree:.2%} | {(exact.argmax(1) == labels).mean():.2%} "
-              f"| {(reference.argmax(1) == labels).mean():.2%} |")
+        inputs = dict(np.load(test_input))
+        exact = exact_outputs(vouch, model, calibration, test_input)
+        s = session(model, 1)
+        reference = s.run(None, feed(s, inputs, None))[0]
+        count = len(exact)
+        if labels:
+            truth = np.load(labels[0])
+            agree = (exact.argmax(1) == reference.argmax(1)).mean()
+            print(f"| {name} | {count} | top-1 agreement | {agree:.2%} | {(exact.argmax(1) == truth).mean():.2%} "
+                  f"| {(reference.argmax(1) == truth).mean():.2%} |")
+        else:
+            mask = inputs["attention_mask"]
+            cosine = (pooled(exact, mask) * pooled(reference, mask)).sum(1)
+            print(f"| {name} | {count} | cosine of mean-pooled embeddings, min (mean) "
+                  f"| {cosine.min():.5f} ({cosine.mean():.5f}) | n/a | n/a |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 """Tokenize real English sentences for the all-MiniLM-L6-v2 sentence encoder.
 
 Writes `fixtures/data/minilm_calibration.npz` and `fixtures/data/minilm_test.npz`, each with the
-model's three inputs (`input_ids`, `attention_mask`, `token_type_ids`, int64 `[n, 32]`), and
-`fixtures/data/minilm_sentences.txt` with the sentences (calibration first, then test).
+model's three inputs (`input_ids`, `attention_mask`, `token_type_ids`, int64 `[n, 32]`),
+`fixtures/data/minilm_exactness.npz` (the first two test sentences, for the cross-build check in
+`scripts/check-exactness`), and `fixtures/data/minilm_sentences.txt` with the sentences
+(calibration first, then test).
 
 The sentences are the prose of the data set descriptions that scikit-learn ships
 (`sklearn/datasets/descr/*.rst`, BSD-3). Calibration sentences come from some description files
@@ -94,7 +96,8 @@ def main():
     calibration, test = calibration[:CALIBRATION_SENTENCES], test[:TEST_SENTENCES]
 
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, chosen in (("minilm_calibration.npz", calibration), ("minilm_test.npz", test)):
+    sets = (("minilm_calibration.npz", calibration), ("minilm_test.npz", test), ("minilm_exactness.npz", test[:2]))
+    for name, chosen in sets:
         encodings = tokenizer.encode_batch(chosen)
         arrays = {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),

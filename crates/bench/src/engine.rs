@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tract_onnx::prelude::*;
-use vouch_engine::{ExecOptions, FloatModel, build_plan, execute, load_onnx};
+use vouch_engine::{ExecOptions, FloatModel, build_plan, declutter_tract_model, execute, load_onnx};
 use vouch_tensor::{NamedTensor, Tensor as VTensor, TensorData, TensorLimits, read_tensor_file};
 
 /// What one case measures.
 pub struct EngineBench {
-    /// ONNX models taking `[batch, features]` float inputs.
+    /// ONNX models whose inputs are batched along axis 0.
     pub models: Vec<PathBuf>,
     /// Calibration inputs for the exact plans.
     pub calibration: PathBuf,
-    /// Inputs: a tensor of at least the largest batch size of rows.
+    /// Inputs: tensors of at least the largest batch size of rows.
     pub input: PathBuf,
     /// Batch sizes.
     pub batches: Vec<usize>,
@@ -41,20 +41,51 @@ fn rate(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(calls as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The first `count` rows (along axis 0) of an input.
 fn rows(input: &NamedTensor, count: usize) -> Result<NamedTensor> {
     let shape = input.tensor.shape();
-    let TensorData::F32(values) = input.tensor.data() else {
-        bail!("benchmark inputs must be float32");
+    let Some(&available) = shape.first() else {
+        bail!("benchmark inputs need a batch axis");
     };
-    let width: usize = shape[1..].iter().product();
-    if shape[0] < count {
-        bail!("the input has {} rows, fewer than a batch of {count}", shape[0]);
+    if available < count {
+        bail!("the input has {available} rows, fewer than a batch of {count}");
     }
+    let width: usize = shape[1..].iter().product();
+    let end = count * width;
+    let data = match input.tensor.data() {
+        TensorData::F32(v) => TensorData::F32(v[..end].to_vec()),
+        TensorData::I64(v) => TensorData::I64(v[..end].to_vec()),
+        _ => bail!("benchmark inputs must be float32 or int64"),
+    };
     let mut new_shape = shape.to_vec();
     new_shape[0] = count;
     Ok(NamedTensor {
         name: input.name.clone(),
-        tensor: VTensor::new(new_shape, TensorData::F32(values[..count * width].to_vec()))?,
+        tensor: VTensor::new(new_shape, data)?,
+    })
+}
+
+/// The inputs in the order the model takes them (an unnamed tensor is the only input).
+fn ordered<'a>(float: &FloatModel, inputs: &'a [NamedTensor]) -> Result<Vec<&'a NamedTensor>> {
+    float
+        .inputs()
+        .iter()
+        .map(|spec| {
+            inputs
+                .iter()
+                .find(|t| t.name.as_deref() == Some(spec.name.as_str()))
+                .or_else(|| (inputs.len() == 1).then(|| &inputs[0]))
+                .with_context(|| format!("no input named {}", spec.name))
+        })
+        .collect()
+}
+
+fn to_tract(input: &NamedTensor) -> Result<TValue> {
+    let shape = input.tensor.shape();
+    Ok(match input.tensor.data() {
+        TensorData::F32(v) => Tensor::from_shape(shape, v)?.into(),
+        TensorData::I64(v) => Tensor::from_shape(shape, v)?.into(),
+        _ => bail!("benchmark inputs must be float32 or int64"),
     })
 }
 
@@ -76,22 +107,24 @@ pub fn run(bench: &EngineBench) -> Result<()> {
     let limits = TensorLimits::default();
     let calibration = read_tensor_file(&bench.calibration, &limits)?;
     let inputs = read_tensor_file(&bench.input, &limits)?;
-    let input = inputs.first().context("no input tensor")?;
     for path in &bench.models {
         let model_name = name_of(path);
         let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
         let loaded = load_onnx(&bytes)?;
         let plan = build_plan(&loaded, &loaded.to_ir()?, &calibration)?;
         let float = FloatModel::new(&loaded)?;
-        // tract on its own: the peer Vouch's float path is built on.
-        let tract_plan = onnx().model_for_path(path)?.into_optimized()?.into_runnable()?;
+        // tract on its own: the peer Vouch's float path is built on (decluttered as Vouch does,
+        // without the pass that breaks all-MiniLM-L6-v2 in tract 0.23.9).
+        let mut tract_model = onnx().model_for_path(path)?.into_typed()?;
+        declutter_tract_model(&mut tract_model)?;
+        tract_model.optimize()?;
+        let tract_plan = tract_model.into_runnable()?;
         for &batch in &bench.batches {
-            let batch_input = rows(input, batch)?;
-            let TensorData::F32(values) = batch_input.tensor.data() else {
-                bail!("float32 inputs");
-            };
-            let tract_input: TValue = Tensor::from_shape(batch_input.tensor.shape(), values)?.into();
-            let given = [batch_input.clone()];
+            let given = ordered(&float, &inputs)?
+                .into_iter()
+                .map(|input| rows(input, batch))
+                .collect::<Result<Vec<_>>>()?;
+            let tract_inputs: TVec<TValue> = given.iter().map(to_tract).collect::<Result<_>>()?;
             for &threads in &bench.threads {
                 let options = ExecOptions {
                     threads,
@@ -109,7 +142,7 @@ pub fn run(bench: &EngineBench) -> Result<()> {
                 Ok(())
             })?;
             let tract_rate = rate(bench.seconds, || {
-                tract_plan.run(tvec![tract_input.clone()])?;
+                tract_plan.run(tract_inputs.clone())?;
                 Ok(())
             })?;
             for &threads in &bench.threads {

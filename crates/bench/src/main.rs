@@ -42,13 +42,14 @@ enum Bench {
     },
     /// Inferences per second of Vouch float, Vouch exact and tract (JSON lines).
     Engine {
-        /// ONNX models taking `[batch, features]` float inputs.
+        /// ONNX models whose inputs are batched along axis 0.
         #[arg(long, required = true)]
         model: Vec<PathBuf>,
         /// Calibration inputs for the exact plans.
         #[arg(long)]
         calibration: PathBuf,
-        /// Inputs, at least as many rows as the largest batch.
+        /// Inputs, named as the models' (`.npz`) or the one input (`.npy`), with at least as many
+        /// rows as the largest batch.
         #[arg(long)]
         input: PathBuf,
         /// Batch sizes.

@@ -119,6 +119,7 @@ pub fn execute(plan: &Plan, inputs: &[NamedTensor], options: &ExecOptions) -> Re
                     TensorData::F32(value.data.iter().map(|q| *q as f32 * scale).collect())
                 }
                 OutputKind::Integer => TensorData::I64(value.data.iter().map(|q| i64::from(*q)).collect()),
+                OutputKind::Boolean => TensorData::Bool(value.data.iter().map(|q| *q != 0).collect()),
             };
             Tensor::new(value.shape.clone(), data)
                 .map(|tensor| NamedTensor {
@@ -267,6 +268,7 @@ pub fn plan_input_specs(plan: &Plan) -> Vec<InputSpec> {
             dtype: match input.kind {
                 InputKind::Quantized { .. } => DType::Float32,
                 InputKind::Integer => DType::Int64,
+                InputKind::Boolean => DType::Bool,
             },
             shape: input.shape.clone(),
         })
@@ -296,6 +298,7 @@ fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, Exec
                 .map(|x| i32::try_from(*x).map_err(|_| error(format!("element {x} does not fit in 32 bits"))))
                 .collect::<Result<_, _>>()?,
             (InputKind::Integer, TensorData::I32(xs)) => xs.clone(),
+            (InputKind::Boolean, TensorData::Bool(xs)) => xs.iter().map(|x| i32::from(*x)).collect(),
             (_, data) => return Err(error(format!("cannot take {data:?}"))),
         };
         values.push(ITensor {
@@ -441,9 +444,26 @@ fn run_instr(instr: &Instr, operands: &[&ITensor], options: &ExecOptions) -> Res
             count_include_pad,
             ..
         } => pool(operands[0], window, Some(*count_include_pad), options),
-        Instr::ReduceSum { axes, requant, .. } => reduce(operands[0], axes, options, |values| {
+        Instr::ReduceSum {
+            axes,
+            requant,
+            squares: false,
+            ..
+        } => reduce(operands[0], axes, options, |values| {
             saturate(requant.apply(values.map(i64::from).sum()))
         }),
+        Instr::ReduceSum {
+            axes,
+            requant,
+            squares: true,
+            ..
+        } => {
+            // Squares of activations stay below 2^30 each; other integers are refused.
+            product_operands(&operands[0].data)?;
+            reduce(operands[0], axes, options, |values| {
+                saturate(requant.apply(values.map(|v| i64::from(v) * i64::from(v)).sum()))
+            })
+        }
         Instr::ReduceMinMax { axes, max, .. } => reduce(operands[0], axes, options, |values| {
             let extreme = if *max { values.max() } else { values.min() };
             extreme.unwrap_or(0)

@@ -64,7 +64,7 @@ pub fn load_onnx(model_bytes: &[u8]) -> Result<LoadedModel, EngineError> {
 /// replaces an all-true boolean input by a `[1, 1, ..]` constant, and the `And` it fed then
 /// vanishes, losing the broadcast that input contributed (all-MiniLM-L6-v2's attention mask
 /// comes out `[batch, 1, 1, seq]` instead of `[batch, 1, seq, seq]` and the model fails to run).
-pub(crate) fn declutter(model: &mut TypedModel) -> TractResult<()> {
+pub fn declutter(model: &mut TypedModel) -> TractResult<()> {
     let mut optimizer = tract_onnx::tract_core::optim::Optimizer::declutter();
     optimizer
         .passes
@@ -334,6 +334,7 @@ fn convert_op(model: &TypedModel, node: &TypedNode) -> Result<Op, String> {
             Reducer::Sum => ReduceOp::Sum,
             Reducer::Max => ReduceOp::Max,
             Reducer::Min => ReduceOp::Min,
+            Reducer::MeanOfSquares => ReduceOp::MeanOfSquares,
             other => return Err(format!("reduction {other:?} is not supported by the exact engine")),
         };
         return Ok(Op::Reduce {

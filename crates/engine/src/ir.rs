@@ -113,6 +113,8 @@ pub enum ReduceOp {
     Max,
     /// The smallest.
     Min,
+    /// The mean of the squares.
+    MeanOfSquares,
 }
 
 /// How two values compare (the result is 1 or 0).

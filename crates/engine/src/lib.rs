@@ -16,7 +16,7 @@ pub mod trace;
 
 pub use exec::{ExecError, ExecOptions, Execution, ITensor, InputSpec, execute, execute_instr, match_inputs};
 pub use float::FloatModel;
-pub use import::{LoadedModel, load_onnx};
+pub use import::{LoadedModel, declutter as declutter_tract_model, load_onnx};
 pub use plan::{Plan, PlanLimits};
 pub use quantize::build_plan;
 pub use trace::{TraceProof, TraceTree};

@@ -43,6 +43,8 @@ pub enum InputKind {
     },
     /// Integer elements (int64 or int32), which must fit in `i32`.
     Integer,
+    /// Booleans, held as 1 and 0.
+    Boolean,
 }
 
 /// A model input as the plan receives it.
@@ -66,6 +68,8 @@ pub enum OutputKind {
     },
     /// The integers themselves, as int64.
     Integer,
+    /// Booleans: non-zero is true.
+    Boolean,
 }
 
 /// A model output and the value that holds it.
@@ -215,7 +219,7 @@ pub enum Instr {
         /// Whether padded positions count in `count`.
         count_include_pad: bool,
     },
-    /// `y = sat(rq(sum over axes))`; the axes stay with size 1.
+    /// `y = sat(rq(sum over axes))`, or of the squares; the axes stay with size 1.
     ReduceSum {
         /// The operand.
         input: PlanValue,
@@ -223,6 +227,8 @@ pub enum Instr {
         axes: Vec<u32>,
         /// Sum scale to output scale.
         requant: Multiplier,
+        /// Sums `x^2` instead of `x`.
+        squares: bool,
     },
     /// The largest (or smallest) value over axes, which stay with size 1; scale unchanged.
     ReduceMinMax {
@@ -434,7 +440,8 @@ impl Instr {
             Self::Conv { .. } => "Conv",
             Self::MaxPool { .. } => "MaxPool",
             Self::AvgPool { .. } => "AvgPool",
-            Self::ReduceSum { .. } => "ReduceSum",
+            Self::ReduceSum { squares: false, .. } => "ReduceSum",
+            Self::ReduceSum { squares: true, .. } => "ReduceSumSquares",
             Self::ReduceMinMax { max: true, .. } => "ReduceMax",
             Self::ReduceMinMax { max: false, .. } => "ReduceMin",
             Self::Dim { .. } => "Dim",
@@ -515,6 +522,7 @@ impl Plan {
                     write_multiplier(inverse_scale, &mut out);
                 }
                 InputKind::Integer => out.put_u8(1),
+                InputKind::Boolean => out.put_u8(2),
             }
             input.shape.len().write(&mut out);
             for dim in &input.shape {
@@ -544,6 +552,7 @@ impl Plan {
                     out.put_u32(scale_bits);
                 }
                 OutputKind::Integer => out.put_u8(1),
+                OutputKind::Boolean => out.put_u8(2),
             }
         }
         out
@@ -744,8 +753,14 @@ fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
             write_window(window, out);
             out.put_u8(u8::from(*count_include_pad));
         }
-        Instr::ReduceSum { input, axes, requant } => {
-            out.put_u8(14);
+        Instr::ReduceSum {
+            input,
+            axes,
+            requant,
+            squares,
+        } => {
+            // Tag 14 predates sums of squares, which are their own tag so older plans keep their ids.
+            out.put_u8(if *squares { 31 } else { 14 });
             out.put_u32(*input);
             write_u32s(axes, out);
             write_multiplier(*requant, out);
@@ -1083,10 +1098,11 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
                 _ => return Err(CodecError::Invalid("plan", "bad flag")),
             },
         },
-        14 => Instr::ReduceSum {
+        tag @ (14 | 31) => Instr::ReduceSum {
             input: u32::read(buf)?,
             axes: read_axes(buf, rank)?,
             requant: read_multiplier(buf)?,
+            squares: tag == 31,
         },
         15 => Instr::ReduceMinMax {
             input: u32::read(buf)?,
@@ -1211,6 +1227,7 @@ fn decode_plan(bytes: &[u8], limits: &PlanLimits) -> Result<Plan, CodecError> {
                 inverse_scale: read_multiplier(b)?,
             },
             1 => InputKind::Integer,
+            2 => InputKind::Boolean,
             other => return Err(CodecError::InvalidEnum(other)),
         };
         let shape = vouch_codec::read_vec(b, limits.max_rank, |b| {
@@ -1231,6 +1248,7 @@ fn decode_plan(bytes: &[u8], limits: &PlanLimits) -> Result<Plan, CodecError> {
                 scale_bits: u32::read(b)?,
             },
             1 => OutputKind::Integer,
+            2 => OutputKind::Boolean,
             other => return Err(CodecError::InvalidEnum(other)),
         };
         Ok(PlanOutput { name, value, kind })

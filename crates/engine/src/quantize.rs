@@ -100,7 +100,7 @@ fn calibrate(model: &LoadedModel, graph: &Graph, calibration: &[NamedTensor]) ->
                 .zip(t.shape())
                 .all(|(d, n)| matches!(d, DimFact::Fixed(f) if f == n))
     });
-    if exactly_the_inputs && bound.iter().any(|t| t.shape().first() != bound[0].shape().first()) {
+    if exactly_the_inputs {
         let inputs: TVec<TValue> = bound
             .iter()
             .map(|t| to_tract(t).map(TValue::from))
@@ -297,8 +297,12 @@ impl<'a> Builder<'a> {
                         },
                     )
                 }
-                DType::Int64 | DType::Int32 => (
-                    InputKind::Integer,
+                DType::Int64 | DType::Int32 | DType::Bool => (
+                    if info.dtype == DType::Bool {
+                        InputKind::Boolean
+                    } else {
+                        InputKind::Integer
+                    },
                     Quantized::Integer {
                         value: index as PlanValue,
                     },
@@ -334,9 +338,9 @@ impl<'a> Builder<'a> {
             self.quantized[graph.nodes[index].output].get_or_insert(quantized);
         }
         let mut outputs = Vec::with_capacity(graph.outputs.len());
-        for &value in &graph.outputs {
-            let name = graph.values[value].name.clone();
-            let (value, kind) = match self.operand(value).map_err(|reason| EngineError::Unsupported {
+        for &value_id in &graph.outputs {
+            let name = graph.values[value_id].name.clone();
+            let (value, kind) = match self.operand(value_id).map_err(|reason| EngineError::Unsupported {
                 op: "Output".into(),
                 node: name.clone(),
                 reason,
@@ -347,6 +351,9 @@ impl<'a> Builder<'a> {
                         scale_bits: (scale as f32).to_bits(),
                     },
                 ),
+                Quantized::Integer { value } if graph.values[value_id].dtype == DType::Bool => {
+                    (value, OutputKind::Boolean)
+                }
                 Quantized::Integer { value } => (value, OutputKind::Integer),
                 _ => {
                     return Err(EngineError::Unsupported {
@@ -559,13 +566,29 @@ impl<'a> Builder<'a> {
             }
             Op::Reduce { op, axes } => {
                 let axes: Vec<u32> = axes.iter().map(|a| *a as u32).collect();
-                if *op == ReduceOp::Sum {
+                if matches!(op, ReduceOp::Sum | ReduceOp::MeanOfSquares) {
+                    let squares = *op == ReduceOp::MeanOfSquares;
                     let (input, scale) = self.activation(node.inputs[0])?;
                     let out_scale = self.scale_of(output);
+                    // The mean of squares: the sum of `q^2` at `scale^2`, divided by the count.
+                    let factor = if squares {
+                        let shape = &graph.values[node.inputs[0]].shape;
+                        let mut count = 1f64;
+                        for axis in &axes {
+                            match shape.get(*axis as usize) {
+                                Some(DimFact::Fixed(n)) => count *= *n as f64,
+                                _ => return Err("a mean over an axis of unknown size is not supported".into()),
+                            }
+                        }
+                        scale * scale / count
+                    } else {
+                        scale
+                    };
                     let value = self.push(Instr::ReduceSum {
                         input,
                         axes,
-                        requant: Multiplier::from_f64(scale / out_scale),
+                        requant: Multiplier::from_f64(factor / out_scale),
+                        squares,
                     });
                     return Ok(Quantized::Activation {
                         value,
