@@ -825,15 +825,17 @@ fn dense(
             *slot = saturate(requant[j].apply(acc));
         }
     };
+    Ok(ITensor {
+        shape,
+        data: product_rows(rows, n, k, options.threads, row),
+    })
+}
+
+/// `rows` rows of `n` outputs, each a sum of `k` products, filled by `row` on up to `threads` threads.
+fn product_rows(rows: usize, n: usize, k: usize, threads: usize, row: impl Fn(usize, &mut [i32]) + Sync) -> Vec<i32> {
     let mut data = vec![0i32; rows * n];
-    for_each_row(
-        &mut data,
-        n,
-        rows.saturating_mul(n).saturating_mul(k),
-        options.threads,
-        row,
-    );
-    Ok(ITensor { shape, data })
+    for_each_row(&mut data, n, rows.saturating_mul(n).saturating_mul(k), threads, row);
+    data
 }
 
 /// Fills `out`, rows of `width` elements, with `fill(row index, row)`, on up to `threads` threads
@@ -1070,15 +1072,10 @@ fn matmul(a: &ITensor, b: &ITensor, requant: Multiplier, options: &ExecOptions) 
         }
     };
     let rows = batch.iter().product::<usize>() * m;
-    let mut data = vec![0i32; rows * n];
-    for_each_row(
-        &mut data,
-        n,
-        rows.saturating_mul(n).saturating_mul(k),
-        options.threads,
-        row,
-    );
-    Ok(ITensor { shape, data })
+    Ok(ITensor {
+        shape,
+        data: product_rows(rows, n, k, options.threads, row),
+    })
 }
 
 fn move_axis(x: &ITensor, from: usize, to: usize) -> Result<ITensor, String> {

@@ -657,18 +657,7 @@ impl<'a> Builder<'a> {
             }
             Op::Not => {
                 let a = self.integer(node.inputs[0])?;
-                let zero = self.push(Instr::Const {
-                    shape: vec![],
-                    data: vec![0],
-                });
-                let identity = Multiplier::from_f64(1.0);
-                let value = self.push(Instr::Compare {
-                    a,
-                    b: zero,
-                    op: CompareOp::Eq,
-                    scale_a: identity,
-                    scale_b: identity,
-                });
+                let value = self.compare_with_zero(a, CompareOp::Eq);
                 Ok(Quantized::Integer { value })
             }
             // A quantized value is an integer, never NaN: the answer is zeros of the input's shape.
@@ -783,6 +772,22 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// `value op 0` on integers: 1 or 0.
+    fn compare_with_zero(&mut self, value: PlanValue, op: CompareOp) -> PlanValue {
+        let zero = self.push(Instr::Const {
+            shape: vec![],
+            data: vec![0],
+        });
+        let identity = Multiplier::from_f64(1.0);
+        self.push(Instr::Compare {
+            a: value,
+            b: zero,
+            op,
+            scale_a: identity,
+            scale_b: identity,
+        })
+    }
+
     /// An activation, or an integer at scale 1, for comparing.
     fn comparable(&mut self, value: ValueId) -> Result<(PlanValue, f64), String> {
         match self.operand(value)? {
@@ -863,21 +868,9 @@ impl<'a> Builder<'a> {
 
     fn cast(&mut self, input: ValueId, to: DType, output: ValueId) -> Result<Quantized, String> {
         match (self.operand(input)?, to) {
-            (Quantized::Integer { value }, DType::Bool) => {
-                let zero = self.push(Instr::Const {
-                    shape: vec![],
-                    data: vec![0],
-                });
-                let identity = Multiplier::from_f64(1.0);
-                let value = self.push(Instr::Compare {
-                    a: value,
-                    b: zero,
-                    op: CompareOp::Ne,
-                    scale_a: identity,
-                    scale_b: identity,
-                });
-                Ok(Quantized::Integer { value })
-            }
+            (Quantized::Integer { value }, DType::Bool) => Ok(Quantized::Integer {
+                value: self.compare_with_zero(value, CompareOp::Ne),
+            }),
             (Quantized::Integer { value }, DType::Int64 | DType::Int32) => Ok(Quantized::Integer { value }),
             (Quantized::Integer { value }, DType::Float32) => {
                 let scale = self.scale_of(output);

@@ -43,8 +43,7 @@ fn first_rows(inputs: &[NamedTensor], rows: usize) -> Vec<NamedTensor> {
             let width = t.tensor.shape()[1];
             NamedTensor {
                 name: t.name.clone(),
-                tensor: Tensor::new(vec![rows, width], TensorData::I64(data[..rows * width].to_vec()))
-                    .expect("rows"),
+                tensor: Tensor::new(vec![rows, width], TensorData::I64(data[..rows * width].to_vec())).expect("rows"),
             }
         })
         .collect()

@@ -405,7 +405,12 @@ const EXACT_OPS: &[ExactOp] = &[
         ],
     ),
     ("Not", 0.0, 1, &["test_not_2d", "test_not_4d"]),
-    ("And, Or, Xor", 0.0, 2, &["test_and2d", "test_and_bcast3v1d", "test_or_bcast4v2d", "test_xor3d"]),
+    (
+        "And, Or, Xor",
+        0.0,
+        2,
+        &["test_and2d", "test_and_bcast3v1d", "test_or_bcast4v2d", "test_xor3d"],
+    ),
     (
         "LayerNormalization",
         0.001,
