@@ -188,10 +188,16 @@ impl LoadedModel {
     }
 }
 
+/// Largest constant the importer computes itself (a 30,522 × 384 embedding table is 11.7 M).
+const MAX_FOLDED_ELEMENTS: usize = 1 << 26;
+
 /// Evaluates a node whose inputs are all constants (weights stored as int8 and dequantized in the
 /// graph, say), so the exact engine sees the constant itself. `None` leaves the node as it is.
 fn fold_constant(model: &TypedModel, node: &TypedNode) -> Option<Tensor> {
-    if node.inputs.is_empty() || node.op_as::<Const>().is_some() || node.outputs[0].fact.shape.as_concrete().is_none() {
+    let shape = node.outputs[0].fact.shape.as_concrete()?;
+    // A model may expand a tiny constant to any size; such a node is left to run, not folded.
+    let elements = shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d))?;
+    if node.inputs.is_empty() || node.op_as::<Const>().is_some() || elements > MAX_FOLDED_ELEMENTS {
         return None;
     }
     let inputs: TVec<TValue> = node
