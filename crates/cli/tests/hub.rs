@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{NodeProcess, User, assert_api_error, fixture, wait_until};
+use common::{NodeProcess, User, assert_api_error, fixture, node_metrics, wait_until};
 use vouch_client::{Client, ClientError};
 use vouch_crypto::SecretKey;
 use vouch_types::{BlobId, ManifestBody, ModelFile, ModelFormat};
@@ -205,12 +205,7 @@ async fn corruption_found_mid_stream_is_reported_as_corruption() {
         .expect("request");
     assert_api_error(raw, 500, "blob_corrupt").await;
     assert!(client.health().await.is_ok());
-    let metrics = reqwest::get(format!("{}/metrics", node.url))
-        .await
-        .expect("get")
-        .text()
-        .await
-        .expect("text");
+    let metrics = node_metrics(&node.url).await;
     assert!(metrics.contains("vouch_corrupt_blobs_total 1"), "{metrics}");
 }
 
@@ -471,12 +466,7 @@ async fn health_and_metrics_are_served() {
         .await
         .expect("json");
     assert_eq!(health["status"], "ok");
-    let metrics = reqwest::get(format!("{}/metrics", node.url))
-        .await
-        .expect("get")
-        .text()
-        .await
-        .expect("text");
+    let metrics = node_metrics(&node.url).await;
     assert!(metrics.contains("vouch_models_published_total 1"), "{metrics}");
     assert!(metrics.contains("vouch_blobs_stored_total 2"), "{metrics}");
     assert!(metrics.contains(r#"route="/v1/models",status="201""#), "{metrics}");
@@ -618,17 +608,9 @@ async fn uploads_beyond_the_concurrency_limit_get_503() {
             .body(stalling_body(b"x", Duration::from_secs(3)))
             .send(),
     );
-    let url = format!("{}/metrics", node.url);
     let mut holding_slot = false;
     for _ in 0..500 {
-        let metrics = http
-            .get(&url)
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = node_metrics(&node.url).await;
         if metrics.contains("vouch_uploads_in_flight 1") {
             holding_slot = true;
             break;

@@ -928,12 +928,13 @@ fn softmax(x: &ITensor, axis: usize, exp_table: &[u32], masked: bool) -> Result<
     let outer: usize = x.shape[..axis].iter().product();
     let mut data = vec![0i32; x.data.len()];
     let mut exps = vec![0u64; len];
+    // The activation floor, which a masked softmax reads as minus infinity.
+    let floor = -(ACTIVATION_MAX as i32);
     for o in 0..outer {
         for i in 0..inner {
             let at = |j: usize| (o * len + j) * inner + i;
             let max = (0..len).map(|j| x.data[at(j)]).max().unwrap_or(0);
             // A row entirely at the floor is all "minus infinity": every entry counts, as in float.
-            let floor = i32::try_from(-ACTIVATION_MAX).unwrap_or(i32::MIN);
             let skip_floor = masked && max > floor;
             let mut sum = 0u64;
             for (j, e) in exps.iter_mut().enumerate() {
@@ -1250,6 +1251,32 @@ mod tests {
         };
         let y = softmax(&x, 1, &[65536, 30000], false).expect("softmax");
         assert_eq!(y.data, vec![16384, 16384]);
+    }
+
+    #[test]
+    fn masked_softmax_gives_the_floor_no_weight_unless_the_whole_row_is_there() {
+        let table: Vec<u32> = (0..LOOKUP_ENTRIES as u32).map(|d| 65536 >> d.min(16)).collect();
+        let floor = -(ACTIVATION_MAX as i32);
+        let x = ITensor {
+            shape: vec![2, 3],
+            data: vec![5, 5, floor, floor, floor, floor],
+        };
+        let masked = softmax(&x, 1, &table, true).expect("softmax");
+        // Row 1: the floor entry gets nothing; row 2, all at the floor: equal thirds.
+        assert_eq!(masked.data, vec![16384, 16384, 0, 10922, 10922, 10922]);
+        // Unmasked, the floor is just a very small value: here past the table, so also 0.
+        let plain = softmax(&x, 1, &[65536, 30000], false).expect("softmax");
+        assert_eq!(plain.data[..3], [16384, 16384, 0]);
+        // A masked entry inside the table's reach still gets nothing.
+        let near = ITensor {
+            shape: vec![1, 2],
+            data: vec![floor + 1, floor],
+        };
+        assert_eq!(softmax(&near, 1, &table, true).expect("softmax").data, vec![32767, 0]);
+        assert_eq!(
+            softmax(&near, 1, &table, false).expect("softmax").data,
+            vec![21845, 10922]
+        );
     }
 
     #[test]

@@ -886,8 +886,8 @@ impl<'a> Builder<'a> {
     /// own so that passing a value through never saturates it.
     fn select(&mut self, cond: ValueId, a: ValueId, b: ValueId, output: ValueId) -> Result<Quantized, String> {
         let cond = self.integer(cond)?;
-        let computed = |q: &Option<Quantized>| !matches!(q, Some(Quantized::Constant(_)));
-        let (a_computed, b_computed) = (computed(&self.quantized[a]), computed(&self.quantized[b]));
+        // Whether a branch is a constant is a fact of the graph, whatever the builder has placed.
+        let (a_computed, b_computed) = (self.graph.constant(a).is_none(), self.graph.constant(b).is_none());
         match (self.operand(a)?, self.operand(b)?) {
             (Quantized::Integer { value: a }, Quantized::Integer { value: b }) => {
                 let value = self.push(Instr::Where { cond, a, b });

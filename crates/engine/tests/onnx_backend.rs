@@ -10,7 +10,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use vouch_engine::{ExecOptions, FloatModel, build_plan, execute, load_onnx};
+use vouch_engine::{ExecOptions, FloatModel, Plan, PlanLimits, build_plan, execute, load_onnx};
 use vouch_tensor::{NamedTensor, TensorData, TensorLimits, read_tensor_proto};
 
 /// Tests that passed when this file was last updated (see README.md); a lower count fails.
@@ -93,6 +93,11 @@ fn run_exact(dir: &Path, keep: usize) -> Result<f64, String> {
         }
     }
     let plan = build_plan(&model, &graph, &inputs).map_err(|e| e.to_string())?;
+    // Every instruction's encoding decodes to itself.
+    let decoded = Plan::decode(&plan.encode(), &PlanLimits::default()).map_err(|e| format!("plan codec: {e}"))?;
+    if decoded != plan {
+        return Err("the plan does not decode to itself".into());
+    }
     let run = execute(&plan, &inputs, &ExecOptions::default()).map_err(|e| e.to_string())?;
     if run.outputs.len() != expected.len() {
         return Err(format!("{} outputs, expected {}", run.outputs.len(), expected.len()));

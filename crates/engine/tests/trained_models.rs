@@ -2,22 +2,13 @@
 //! accuracy against the float model, exactness across kernels and thread counts, a canonical plan
 //! encoding, and trace proofs.
 
-use std::path::PathBuf;
+mod common;
 
+use common::{fixture, tensors, traced_run};
 use vouch_engine::{
     ExecOptions, FloatModel, Plan, PlanLimits, TraceTree, build_plan, execute, execute_instr, load_onnx,
 };
-use vouch_tensor::{NamedTensor, TensorData, TensorLimits, read_tensor_file};
-
-fn fixture(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(path)
-}
-
-fn tensors(path: &str) -> Vec<NamedTensor> {
-    read_tensor_file(&fixture(path), &TensorLimits::default()).expect("fixture tensors")
-}
+use vouch_tensor::{NamedTensor, TensorData};
 
 fn named<'a>(tensors: &'a [NamedTensor], name: &str) -> &'a NamedTensor {
     tensors
@@ -127,31 +118,12 @@ fn every_kernel_and_thread_count_gives_the_same_trace() {
         let (_, plan) = plan_for(model_file);
         let test = tensors("data/digits_test.npz");
         let input = vec![named(&test, "input").clone()];
-        let reference = execute(
-            &plan,
-            &input,
-            &ExecOptions {
-                threads: 1,
-                simd: false,
-                ..ExecOptions::default()
-            },
-        )
-        .expect("run");
-        let root = TraceTree::new(&reference.values).root();
+        let (root, reference_outputs) = traced_run(&plan, &input, 1, false);
         for threads in [1, 2, 3, 8] {
             for simd in [false, true] {
-                let options = ExecOptions {
-                    threads,
-                    simd,
-                    ..ExecOptions::default()
-                };
-                let run = execute(&plan, &input, &options).expect("run");
-                assert_eq!(
-                    TraceTree::new(&run.values).root(),
-                    root,
-                    "{model_file}: threads {threads} simd {simd}"
-                );
-                assert_eq!(run.outputs, reference.outputs);
+                let (run_root, outputs) = traced_run(&plan, &input, threads, simd);
+                assert_eq!(run_root, root, "{model_file}: threads {threads} simd {simd}");
+                assert_eq!(outputs, reference_outputs);
             }
         }
     }

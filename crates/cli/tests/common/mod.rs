@@ -213,6 +213,16 @@ pub async fn assert_api_error(response: reqwest::Response, status: u16, code: &s
     );
 }
 
+/// The node's Prometheus metrics, as text.
+pub async fn node_metrics(node_url: &str) -> String {
+    reqwest::get(format!("{node_url}/metrics"))
+        .await
+        .expect("get metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
