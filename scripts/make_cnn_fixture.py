@@ -21,8 +21,8 @@ import pathlib
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+
+from make_fixtures import digits_split
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "models"
 EPS = 1e-5
@@ -263,10 +263,7 @@ def export(net):
 
 
 def main() -> None:
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
+    x_train, x_test, y_train, y_test = digits_split()
     net = train(x_train.astype(np.float64), y_train)
     accuracy = (net.forward(x_test.astype(np.float64), train=False).argmax(axis=1) == y_test).mean()
     OUT.mkdir(parents=True, exist_ok=True)

@@ -55,11 +55,15 @@ def export(clf: MLPClassifier, name: str) -> onnx.ModelProto:
     return model
 
 
-def main() -> None:
+def digits_split():
+    """scikit-learn's digits scaled to [0, 1], split 75/25 with seed 0: (x_train, x_test, y_train, y_test)."""
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
+    return train_test_split(x, digits.target, test_size=0.25, random_state=0)
+
+
+def main() -> None:
+    x_train, x_test, y_train, y_test = digits_split()
     OUT.mkdir(parents=True, exist_ok=True)
     for file_name, hidden, seed in [("digits_mlp_v1.onnx", (32,), 0), ("digits_mlp_v2.onnx", (48,), 1)]:
         clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=400, random_state=seed)
