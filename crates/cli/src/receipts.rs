@@ -92,7 +92,7 @@ async fn check_answer(
     check_request(receipt, level, nonce)?;
     check_inputs(receipt, inputs)?;
     check_outputs(receipt, outputs)?;
-    if level == VerifyLevel::Reexec {
+    if level != VerifyLevel::None {
         let plan_id = plan_id.ok_or(VerifyError::NothingToReexecute)?;
         let plan = fetch_plan(client, manifest, Some(&plan_id)).await?;
         reexecute(receipt, &plan, inputs, &exec_options(threads, false))?;
@@ -155,7 +155,7 @@ pub async fn infer(node: &str, json_output: bool, args: &InferArgs) -> Result<()
         write_receipt(path, &receipt)?;
     }
     let verified = match level {
-        VerifyLevel::Reexec => "re-executed locally: output hash and trace root match",
+        VerifyLevel::Reexec | VerifyLevel::Quorum => "re-executed locally: output hash and trace root match",
         VerifyLevel::None => "not re-executed (level none): receipt signature checked",
     };
     if json_output {

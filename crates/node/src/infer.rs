@@ -75,6 +75,10 @@ fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
 fn prepare(state: &AppState, id: ModelId, manifest: &Manifest, level: VerifyLevel) -> Result<Prepared, ApiError> {
     let limit = state.limits.max_inspect_bytes;
     match level {
+        VerifyLevel::Quorum => Err(unprocessable(
+            "quorum_via_ledger",
+            "quorum inference is requested on the ledger, not from one node",
+        )),
         VerifyLevel::Reexec => {
             let plan = manifest.body.plans.first().ok_or_else(|| {
                 unprocessable(

@@ -10,5 +10,5 @@ pub use ids::{BlobId, IdError, ModelId};
 pub use manifest::{
     DType, Dim, Manifest, ManifestBody, ManifestError, ManifestLimits, ModelFile, ModelFormat, PlanRef, TensorSpec,
 };
-pub use name::{ModelName, ModelRef, NameError, Version};
+pub use name::{MAX_NAME_BYTES, MAX_VERSION_BYTES, ModelName, ModelRef, NameError, Version};
 pub use receipt::{ExactClaim, Receipt, ReceiptBody, ReceiptError, VerifyLevel, request_hash};

@@ -37,13 +37,18 @@ pub enum VerifyLevel {
     None,
     /// The node runs the exact plan; the client re-executes it and compares bit for bit.
     Reexec,
+    /// K staked nodes drawn by the ledger run the exact plan; the answer stands when their
+    /// receipts agree bit for bit.
+    Quorum,
 }
 
 impl VerifyLevel {
-    fn tag(self) -> u8 {
+    /// The level's byte in canonical encodings.
+    pub fn tag(self) -> u8 {
         match self {
             Self::None => 0,
             Self::Reexec => 1,
+            Self::Quorum => 2,
         }
     }
 }
@@ -53,6 +58,7 @@ impl fmt::Display for VerifyLevel {
         f.write_str(match self {
             Self::None => "none",
             Self::Reexec => "reexec",
+            Self::Quorum => "quorum",
         })
     }
 }
@@ -63,8 +69,9 @@ impl FromStr for VerifyLevel {
         match text {
             "none" => Ok(Self::None),
             "reexec" => Ok(Self::Reexec),
+            "quorum" => Ok(Self::Quorum),
             other => Err(format!(
-                "unknown verification level '{other}' (expected none or reexec)"
+                "unknown verification level '{other}' (expected none, reexec or quorum)"
             )),
         }
     }
@@ -140,12 +147,14 @@ impl ReceiptBody {
     pub fn exact(&self) -> Result<Option<ExactClaim>, ReceiptError> {
         match (self.level, self.plan_id, self.trace_root) {
             (VerifyLevel::None, None, None) => Ok(None),
-            (VerifyLevel::Reexec, Some(plan_id), Some(trace_root)) => Ok(Some(ExactClaim { plan_id, trace_root })),
+            (VerifyLevel::Reexec | VerifyLevel::Quorum, Some(plan_id), Some(trace_root)) => {
+                Ok(Some(ExactClaim { plan_id, trace_root }))
+            }
             (VerifyLevel::None, _, _) => Err(ReceiptError::Invalid(
                 "a level-none receipt names no plan or trace root",
             )),
-            (VerifyLevel::Reexec, _, _) => Err(ReceiptError::Invalid(
-                "a reexec receipt needs a plan id and a trace root",
+            (VerifyLevel::Reexec | VerifyLevel::Quorum, _, _) => Err(ReceiptError::Invalid(
+                "an exact (reexec or quorum) receipt needs a plan id and a trace root",
             )),
         }
     }
@@ -213,9 +222,10 @@ impl Receipt {
         let level = match u8::read(&mut buf)? {
             0 => VerifyLevel::None,
             1 => VerifyLevel::Reexec,
+            2 => VerifyLevel::Quorum,
             other => return Err(CodecError::InvalidEnum(other)),
         };
-        let exact = level == VerifyLevel::Reexec;
+        let exact = level != VerifyLevel::None;
         let plan_id = if exact { Some(BlobId::read(&mut buf)?) } else { None };
         let input_hash = Digest::read(&mut buf)?;
         let output_hash = Digest::read(&mut buf)?;
