@@ -119,7 +119,7 @@ fn invalid(message: impl Into<String>) -> TxError {
 /// A transaction's writes, held apart from the state until it succeeds.
 struct Pending<'a> {
     base: &'a AuthMap,
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    writes: Writes,
 }
 
 impl<'a> Pending<'a> {
@@ -204,12 +204,15 @@ impl<'a> Pending<'a> {
         Ok(())
     }
 
-    fn into_writes(self) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
+    fn into_writes(self) -> Writes {
         self.writes
     }
 }
 
-fn commit(writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>, state: &mut AuthMap) {
+/// Keys set (`Some`) or removed (`None`) by a transaction.
+type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+fn commit(writes: Writes, state: &mut AuthMap) {
     {
         for (key, value) in writes {
             match value {
@@ -384,7 +387,7 @@ impl Ledger {
 
     /// Checks a transaction against the current state without applying it.
     pub fn check(&self, ctx: &BlockContext, tx: &SignedTransaction) -> Result<(), TxError> {
-        self.clone().apply(ctx, tx)
+        self.stage(ctx, tx).map(drop)
     }
 
     /// Work done at the start of every block: released stake returns to balances and open
@@ -431,6 +434,13 @@ impl Ledger {
 
     /// Applies one transaction: all of its effects, or (with an error) none.
     pub fn apply(&mut self, ctx: &BlockContext, tx: &SignedTransaction) -> Result<(), TxError> {
+        let writes = self.stage(ctx, tx)?;
+        commit(writes, &mut self.state);
+        Ok(())
+    }
+
+    /// Works out a transaction's writes without making them.
+    fn stage(&self, ctx: &BlockContext, tx: &SignedTransaction) -> Result<Writes, TxError> {
         tx.check_signature(&self.chain_id).map_err(|_| TxError::BadSignature)?;
         let mut pending = Pending::new(&self.state);
         let signer = tx.tx.signer;
@@ -520,9 +530,7 @@ impl Ledger {
             }
             TxBody::SubmitReceipt { receipt } => submit_receipt(&mut pending, signer, receipt)?,
         }
-        let writes = pending.into_writes();
-        commit(writes, &mut self.state);
-        Ok(())
+        Ok(pending.into_writes())
     }
 
     /// Applies a whole block's transactions on a copy of the state; any refused transaction

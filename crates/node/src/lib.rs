@@ -1,6 +1,7 @@
 //! Run a Vouch node: the content-addressed blob store, the model registry and the HTTP API.
 
 mod api;
+pub mod chain;
 mod error;
 mod infer;
 mod metrics;
