@@ -48,6 +48,16 @@ pub fn write_vec<T, B: BufMut>(items: &[T], buf: &mut B, mut write_item: impl Fn
     }
 }
 
+/// Reads one value from `bytes` with `read` and refuses bytes left over after it.
+pub fn read_whole<T>(bytes: &[u8], read: impl FnOnce(&mut bytes::Bytes) -> Result<T, Error>) -> Result<T, Error> {
+    let mut buf = bytes::Bytes::copy_from_slice(bytes);
+    let value = read(&mut buf)?;
+    if bytes::Buf::has_remaining(&buf) {
+        return Err(Error::ExtraData(bytes::Buf::remaining(&buf)));
+    }
+    Ok(value)
+}
+
 /// Why a byte string was refused as the canonical encoding of a value.
 #[derive(Debug, thiserror::Error)]
 pub enum CanonicalError {

@@ -1,7 +1,7 @@
 //! Blocks: an ordered batch of transactions and the state root after applying them.
 
-use bytes::{BufMut, Bytes};
-use vouch_codec::{Buf, CanonicalError, Error as CodecError, ReadExt, Write, decode_canonical, read_vec};
+use bytes::BufMut;
+use vouch_codec::{Buf, CanonicalError, Error as CodecError, ReadExt, Write, decode_canonical, read_vec, read_whole};
 use vouch_crypto::{Digest, PublicKey};
 
 use crate::exec::BlockContext;
@@ -93,11 +93,6 @@ impl Block {
         buf
     }
 
-    /// How many bytes [`Block::encode`] writes.
-    pub fn encoded_len(&self) -> usize {
-        self.encode().len()
-    }
-
     /// Reads a block (without the size check of [`Block::decode`]).
     pub fn read(buf: &mut impl Buf) -> Result<Self, CodecError> {
         Ok(Self {
@@ -115,22 +110,16 @@ impl Block {
         if bytes.len() > MAX_BLOCK_BYTES {
             return Err(BlockDecodeError::TooLarge { size: bytes.len() });
         }
-        Ok(decode_canonical(
-            bytes,
-            |b| {
-                let mut buf = Bytes::copy_from_slice(b);
-                let block = Self::read(&mut buf)?;
-                if bytes::Buf::has_remaining(&buf) {
-                    return Err(CodecError::ExtraData(bytes::Buf::remaining(&buf)));
-                }
-                Ok(block)
-            },
-            Self::encode,
-        )?)
+        Ok(decode_canonical(bytes, |b| read_whole(b, Self::read), Self::encode)?)
     }
 
     /// The block's digest: what consensus orders.
     pub fn digest(&self) -> Digest {
-        Digest::of(BLOCK_DOMAIN, &self.encode())
+        Self::digest_of_encoding(&self.encode())
+    }
+
+    /// The digest of a block from its canonical encoding, for callers that hold it already.
+    pub fn digest_of_encoding(encoded: &[u8]) -> Digest {
+        Digest::of(BLOCK_DOMAIN, encoded)
     }
 }

@@ -297,24 +297,6 @@ impl Ledger {
         }
     }
 
-    /// Rebuilds a ledger from its entries (as [`Ledger::entries`] lists them).
-    pub fn from_entries(genesis: &Genesis, entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Self {
-        let mut state = AuthMap::new();
-        for (key, value) in entries {
-            state.insert(key, value);
-        }
-        Self {
-            state,
-            params: genesis.params,
-            chain_id: genesis.chain_id(),
-        }
-    }
-
-    /// Every entry of the state, in key order.
-    pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.state.iter()
-    }
-
     /// The chain's rules.
     pub fn params(&self) -> &Params {
         &self.params
@@ -347,22 +329,6 @@ impl Ledger {
     /// A registered node.
     pub fn node(&self, who: &PublicKey) -> Result<Option<NodeRecord>, TxError> {
         self.read(&node_key(who))
-    }
-
-    /// Every registered node, in key order.
-    pub fn nodes(&self) -> Result<Vec<(PublicKey, NodeRecord)>, TxError> {
-        let pending = Pending::new(&self.state);
-        pending
-            .keys_with_prefix(&[prefix::NODE])
-            .into_iter()
-            .map(|key| {
-                let who = PublicKey::from_bytes(key_tail::<32>(&key)?);
-                let record = pending
-                    .get::<NodeRecord>(&key)?
-                    .ok_or_else(|| TxError::CorruptState(hex::encode(&key)))?;
-                Ok((who, record))
-            })
-            .collect()
     }
 
     /// A published model.

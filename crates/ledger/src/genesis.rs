@@ -94,7 +94,7 @@ impl Genesis {
         Ok(genesis)
     }
 
-    /// The canonical JSON (fields in declaration order, no whitespace).
+    /// The canonical JSON: fields in declaration order, pretty-printed as genesis files are.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|_| unreachable!("a genesis always serializes"))
     }

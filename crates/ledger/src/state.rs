@@ -1,8 +1,8 @@
 //! The records the ledger keeps, their keys in the authenticated map, and their encodings.
 
-use bytes::{BufMut, Bytes};
+use bytes::BufMut;
 use serde::{Deserialize, Serialize};
-use vouch_codec::{Buf, Error as CodecError, ReadExt, Write, read_str, read_vec, write_str, write_vec};
+use vouch_codec::{Buf, Error as CodecError, ReadExt, Write, read_str, read_vec, read_whole, write_str, write_vec};
 use vouch_crypto::{Digest, PublicKey};
 use vouch_types::receipt::Receipt;
 use vouch_types::{BlobId, ModelId, ModelName, Version};
@@ -106,12 +106,7 @@ pub trait Record: Sized {
 
     /// Decodes a stored value; the whole value must be used.
     fn from_bytes(bytes: &[u8]) -> Result<Self, CodecError> {
-        let mut buf = Bytes::copy_from_slice(bytes);
-        let record = Self::read_record(&mut buf)?;
-        if bytes::Buf::has_remaining(&buf) {
-            return Err(CodecError::ExtraData(bytes::Buf::remaining(&buf)));
-        }
-        Ok(record)
+        read_whole(bytes, |buf| Self::read_record(buf))
     }
 }
 
@@ -330,8 +325,9 @@ impl Record for TaskRecord {
             opened_at: u64::read(buf)?,
             executors: read_keys(buf, MAX_QUORUM as usize)?,
             receipts: read_vec(buf, MAX_QUORUM as usize, |buf| {
+                // Stored receipts had their signatures checked when they were submitted.
                 let bytes = Vec::<u8>::read_range(buf, 0..=MAX_RECEIPT_BYTES)?;
-                Receipt::decode(&bytes).map_err(|_| CodecError::Invalid("receipt", "malformed or unsigned"))
+                Receipt::decode_unverified(&bytes).map_err(|_| CodecError::Invalid("receipt", "malformed"))
             })?,
             status: match u8::read(buf)? {
                 0 => TaskStatus::Open,

@@ -1,10 +1,10 @@
 //! Signed transactions: who sends them, in what order (the nonce), what they pay, and what they do.
 
-use bytes::{BufMut, Bytes};
+use bytes::BufMut;
 use serde::{Deserialize, Serialize};
 use vouch_codec::{
-    Buf, CanonicalError, Error as CodecError, ReadExt, Write, decode_canonical, read_str, read_vec, write_str,
-    write_vec,
+    Buf, CanonicalError, Error as CodecError, ReadExt, Write, decode_canonical, read_str, read_vec, read_whole,
+    write_str, write_vec,
 };
 use vouch_crypto::{Digest, PublicKey, SecretKey, Signature};
 use vouch_types::receipt::Receipt;
@@ -343,18 +343,7 @@ impl SignedTransaction {
         if bytes.len() > MAX_TX_BYTES {
             return Err(TxDecodeError::TooLarge { size: bytes.len() });
         }
-        let tx = decode_canonical(
-            bytes,
-            |b| {
-                let mut buf = Bytes::copy_from_slice(b);
-                let tx = Self::read(&mut buf)?;
-                if bytes::Buf::has_remaining(&buf) {
-                    return Err(CodecError::ExtraData(bytes::Buf::remaining(&buf)));
-                }
-                Ok(tx)
-            },
-            Self::encode,
-        )?;
+        let tx = decode_canonical(bytes, |b| read_whole(b, Self::read), Self::encode)?;
         tx.check_signature(chain_id)?;
         Ok(tx)
     }

@@ -422,6 +422,14 @@ fn agreeing_receipts_finalize_the_task_and_split_the_fee() {
         Err(TxError::UnknownTask(_))
     ));
 
+    // A receipt whose signature is not its executor's over its body.
+    let mut forged = receipt(task_id, model_id, &first, b"answer");
+    forged.signature = receipt(task_id, model_id, &first, b"other answer").signature;
+    assert!(matches!(
+        chain.submit(&first, TxBody::SubmitReceipt { receipt: forged }),
+        Err(TxError::Invalid(_))
+    ));
+
     let balances: Vec<u64> = task.executors.iter().map(|e| chain.balance(&executor_key(e))).collect();
     for executor in &task.executors {
         let signer = executor_key(executor);

@@ -92,47 +92,26 @@ fn consensus_key(index: u8) -> PrivateKey {
     PrivateKey::decode(bytes::Bytes::copy_from_slice(&validator_secret(index))).expect("32-byte seed")
 }
 
-/// An immutable archive's configuration before its codec configuration is chosen.
-struct ArchiveNames {
-    metadata_partition: String,
-    freezer_table_partition: String,
-    freezer_table_initial_size: u32,
-    freezer_table_resize_frequency: u8,
-    freezer_table_resize_chunk_size: u32,
-    freezer_key_partition: String,
-    freezer_key_page_cache: CacheRef,
-    freezer_value_partition: String,
-    freezer_value_target_size: u64,
-    freezer_value_compression: Option<u8>,
-    ordinal_partition: String,
-    items_per_section: std::num::NonZeroU64,
-    replay_buffer: NonZeroUsize,
-    freezer_key_write_buffer: NonZeroUsize,
-    freezer_value_write_buffer: NonZeroUsize,
-    ordinal_write_buffer: NonZeroUsize,
-}
-
-impl ArchiveNames {
-    fn with_codec<C>(self, codec_config: C) -> immutable::Config<C> {
-        immutable::Config {
-            metadata_partition: self.metadata_partition,
-            freezer_table_partition: self.freezer_table_partition,
-            freezer_table_initial_size: self.freezer_table_initial_size,
-            freezer_table_resize_frequency: self.freezer_table_resize_frequency,
-            freezer_table_resize_chunk_size: self.freezer_table_resize_chunk_size,
-            freezer_key_partition: self.freezer_key_partition,
-            freezer_key_page_cache: self.freezer_key_page_cache,
-            freezer_value_partition: self.freezer_value_partition,
-            freezer_value_target_size: self.freezer_value_target_size,
-            freezer_value_compression: self.freezer_value_compression,
-            ordinal_partition: self.ordinal_partition,
-            items_per_section: self.items_per_section,
-            codec_config,
-            replay_buffer: self.replay_buffer,
-            freezer_key_write_buffer: self.freezer_key_write_buffer,
-            freezer_value_write_buffer: self.freezer_value_write_buffer,
-            ordinal_write_buffer: self.ordinal_write_buffer,
-        }
+/// The configuration of one of a validator's immutable archives (finalizations or blocks).
+fn archive_config<C>(prefix: &str, name: &str, page_cache: &CacheRef, codec_config: C) -> immutable::Config<C> {
+    immutable::Config {
+        metadata_partition: format!("{prefix}-{name}-metadata"),
+        freezer_table_partition: format!("{prefix}-{name}-freezer-table"),
+        freezer_table_initial_size: 64,
+        freezer_table_resize_frequency: 10,
+        freezer_table_resize_chunk_size: 10,
+        freezer_key_partition: format!("{prefix}-{name}-freezer-key"),
+        freezer_key_page_cache: page_cache.clone(),
+        freezer_value_partition: format!("{prefix}-{name}-freezer-value"),
+        freezer_value_target_size: 1024 * 1024,
+        freezer_value_compression: None,
+        ordinal_partition: format!("{prefix}-{name}-ordinal"),
+        items_per_section: NZU64!(1024),
+        codec_config,
+        replay_buffer: NZUsize!(1024 * 1024),
+        freezer_key_write_buffer: NZUsize!(1024 * 1024),
+        freezer_value_write_buffer: NZUsize!(1024 * 1024),
+        ordinal_write_buffer: NZUsize!(1024 * 1024),
     }
 }
 
@@ -200,33 +179,23 @@ async fn start_validator(
     );
     broadcast_engine.start(control.register(4, QUOTA).await.expect("channel"));
 
-    let archive = |name: &str| ArchiveNames {
-        metadata_partition: format!("{prefix}-{name}-metadata"),
-        freezer_table_partition: format!("{prefix}-{name}-freezer-table"),
-        freezer_table_initial_size: 64,
-        freezer_table_resize_frequency: 10,
-        freezer_table_resize_chunk_size: 10,
-        freezer_key_partition: format!("{prefix}-{name}-freezer-key"),
-        freezer_key_page_cache: page_cache.clone(),
-        freezer_value_partition: format!("{prefix}-{name}-freezer-value"),
-        freezer_value_target_size: 1024 * 1024,
-        freezer_value_compression: None,
-        ordinal_partition: format!("{prefix}-{name}-ordinal"),
-        items_per_section: NZU64!(1024),
-        replay_buffer: NZUsize!(1024 * 1024),
-        freezer_key_write_buffer: NZUsize!(1024 * 1024),
-        freezer_value_write_buffer: NZUsize!(1024 * 1024),
-        ordinal_write_buffer: NZUsize!(1024 * 1024),
-    };
     let finalizations = immutable::Archive::init(
         context.child("finalizations"),
-        archive("finalizations").with_codec(Scheme::certificate_codec_config_unbounded()),
+        archive_config(
+            &prefix,
+            "finalizations",
+            &page_cache,
+            Scheme::certificate_codec_config_unbounded(),
+        ),
     )
     .await
     .expect("finalizations archive");
-    let blocks = immutable::Archive::init(context.child("blocks"), archive("blocks").with_codec(()))
-        .await
-        .expect("blocks archive");
+    let blocks = immutable::Archive::init(
+        context.child("blocks"),
+        archive_config(&prefix, "blocks", &page_cache, ()),
+    )
+    .await
+    .expect("blocks archive");
     let (actor, marshal, _floor) = Actor::init(context.child("marshal"), finalizations, blocks, marshal_config).await;
     actor.start(app.clone(), buffer, resolver);
 

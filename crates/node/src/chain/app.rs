@@ -60,7 +60,8 @@ struct ChainState {
     finalized_height: u64,
     finalized_ledger: Arc<Ledger>,
     history: Vec<Finalized>,
-    mempool: VecDeque<SignedTransaction>,
+    /// Waiting transactions with their ids, in arrival order.
+    mempool: VecDeque<(Digest, SignedTransaction)>,
     mempool_ids: HashSet<Digest>,
 }
 
@@ -93,14 +94,18 @@ impl std::fmt::Debug for LedgerApp {
 
 /// The genesis block of a genesis: height 0, the genesis state root.
 pub fn genesis_block(genesis: &Genesis) -> ChainBlock {
-    ChainBlock::new(Block::genesis(Ledger::from_genesis(genesis).root()))
+    genesis_block_of(&Ledger::from_genesis(genesis))
+}
+
+fn genesis_block_of(genesis_ledger: &Ledger) -> ChainBlock {
+    ChainBlock::new(Block::genesis(genesis_ledger.root()))
 }
 
 impl LedgerApp {
     /// An application starting from the genesis, proposing blocks as `me`.
     pub fn new(genesis: &Genesis, me: PublicKey) -> Self {
         let ledger = Arc::new(Ledger::from_genesis(genesis));
-        let genesis_digest = genesis_block(genesis).digest();
+        let genesis_digest = genesis_block_of(&ledger).digest();
         Self {
             me,
             state: Arc::new(Mutex::new(ChainState {
@@ -175,7 +180,7 @@ impl LedgerApp {
                 .map_err(|_| SubmitError::Refused(TxError::BadSignature))?;
         }
         state.mempool_ids.insert(id);
-        state.mempool.push_back(tx);
+        state.mempool.push_back((id, tx));
         Ok(id)
     }
 
@@ -247,7 +252,7 @@ impl<E: Send + 'static> Application<E> for LedgerApp {
         let candidates: Vec<SignedTransaction> = {
             let state = self.lock();
             let limit = parent_state.params().max_block_txs as usize;
-            state.mempool.iter().take(limit).cloned().collect()
+            state.mempool.iter().take(limit).map(|(_, tx)| tx.clone()).collect()
         };
         let built = match parent_state.build_block(&ctx, candidates) {
             Ok(built) => built,
@@ -347,15 +352,15 @@ impl Reporter for LedgerApp {
         let ChainState {
             mempool, mempool_ids, ..
         } = &mut *state;
-        mempool.retain(|tx| {
+        mempool.retain(|(id, tx)| {
             // Drop what the block carried and what can never apply again (a used nonce).
             let stale = finalized_ledger
                 .account(&tx.tx.signer)
                 .map(|account| tx.tx.nonce < account.nonce)
                 .unwrap_or(true);
-            let keep = !included.contains(&tx.id()) && !stale;
+            let keep = !included.contains(id) && !stale;
             if !keep {
-                mempool_ids.remove(&tx.id());
+                mempool_ids.remove(id);
             }
             keep
         });

@@ -31,7 +31,7 @@ impl ChainBlock {
     /// Wraps a ledger block.
     pub fn new(block: Block) -> Self {
         let encoded = block.encode();
-        let digest = to_chain_digest(&Digest::of(vouch_ledger::block::BLOCK_DOMAIN, &encoded));
+        let digest = to_chain_digest(&Block::digest_of_encoding(&encoded));
         Self {
             block,
             digest,
