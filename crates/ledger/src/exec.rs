@@ -10,8 +10,8 @@ use crate::genesis::{Genesis, Params};
 use crate::merkle::{AuthMap, StateProof};
 use crate::state::{
     Account, MAX_REPLICAS, MAX_UNBONDING_ENTRIES, ModelRecord, NodeRecord, Record, TaskRecord, TaskStatus, Unbonding,
-    account_key, deadline_key, host_key, hosts_prefix, model_key, name_key, node_key, prefix, task_key, unbonding_key,
-    version_key,
+    account_key, assignment_key, assignments_prefix, deadline_key, host_key, hosts_prefix, model_key, name_key,
+    node_key, prefix, task_key, unbonding_key, version_key,
 };
 use crate::tx::{MAX_ADDRESS_BYTES, MAX_MODELS_PER_NODE, MAX_QUORUM, SignedTransaction, TxBody};
 
@@ -312,6 +312,76 @@ impl Ledger {
         self.state.root()
     }
 
+    /// Every state entry, for saving: a count, then each key and value with a 4-byte length.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(self.state.len() as u64).to_be_bytes());
+        for (key, value) in self.state.iter() {
+            for part in [key, value] {
+                out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+                out.extend_from_slice(part);
+            }
+        }
+        out
+    }
+
+    /// Restores a state saved by [`Ledger::snapshot`] on the chain of `genesis`, checking that it
+    /// gives `expected_root`.
+    pub fn from_snapshot(genesis: &Genesis, bytes: &[u8], expected_root: &Digest) -> Result<Self, SnapshotError> {
+        fn take<'b>(rest: &mut &'b [u8], count: usize) -> Result<&'b [u8], SnapshotError> {
+            if rest.len() < count {
+                return Err(SnapshotError::Malformed("truncated"));
+            }
+            let (head, tail) = rest.split_at(count);
+            *rest = tail;
+            Ok(head)
+        }
+        fn length(rest: &mut &[u8]) -> Result<usize, SnapshotError> {
+            let mut word = [0u8; 4];
+            word.copy_from_slice(take(rest, 4)?);
+            Ok(u32::from_be_bytes(word) as usize)
+        }
+        let mut rest = bytes;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(take(&mut rest, 8)?);
+        let count = u64::from_be_bytes(word);
+        let mut state = AuthMap::new();
+        for _ in 0..count {
+            let key_len = length(&mut rest)?;
+            let key = take(&mut rest, key_len)?.to_vec();
+            let value_len = length(&mut rest)?;
+            let value = take(&mut rest, value_len)?.to_vec();
+            state.insert(key, value);
+        }
+        if !rest.is_empty() {
+            return Err(SnapshotError::Malformed("bytes after the last entry"));
+        }
+        if state.len() as u64 != count {
+            return Err(SnapshotError::Malformed("a key appears twice"));
+        }
+        let found = state.root();
+        if found != *expected_root {
+            return Err(SnapshotError::Root {
+                expected: *expected_root,
+                found,
+            });
+        }
+        Ok(Self {
+            state,
+            params: genesis.params,
+            chain_id: genesis.chain_id(),
+        })
+    }
+
+    /// The open tasks that `executor` owes a receipt, in task-id order.
+    pub fn assigned_tasks(&self, executor: &PublicKey) -> Result<Vec<Digest>, TxError> {
+        let prefix = assignments_prefix(executor);
+        self.state
+            .range(prefix.clone()..prefix_end(&prefix))
+            .map(|(key, _)| key_tail::<32>(key).map(Digest::from_bytes))
+            .collect()
+    }
+
     /// A proof of what `key` holds, against [`Ledger::root`].
     pub fn prove(&self, key: &[u8]) -> StateProof {
         self.state.prove(key)
@@ -390,6 +460,7 @@ impl Ledger {
             if task.status == TaskStatus::Open {
                 task.status = TaskStatus::Expired;
                 pending.credit(&task.requester, task.max_fee)?;
+                release_assignments(&mut pending, &task, &id);
                 pending.put(task_key(&id), &task);
             }
         }
@@ -491,6 +562,9 @@ impl Ledger {
                     receipts: Vec::new(),
                     status: TaskStatus::Open,
                 };
+                for executor in &task.executors {
+                    pending.put_marker(assignment_key(executor, &id));
+                }
                 pending.put(task_key(&id), &task);
                 pending.put_marker(deadline_key(*deadline, &id));
             }
@@ -554,6 +628,22 @@ pub struct BuiltBlock {
     pub included: Vec<SignedTransaction>,
     /// The candidates refused, with why.
     pub refused: Vec<(SignedTransaction, TxError)>,
+}
+
+/// Why a saved state could not be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// The bytes are not a state snapshot.
+    #[error("malformed state snapshot: {0}")]
+    Malformed(&'static str),
+    /// The entries give another state root than the one recorded beside them.
+    #[error("state snapshot gives root {found}, expected {expected}")]
+    Root {
+        /// The root the snapshot should give.
+        expected: Digest,
+        /// The root it gives.
+        found: Digest,
+    },
 }
 
 /// Why a block does not apply.
@@ -743,6 +833,15 @@ fn confirm_replica(pending: &mut Pending<'_>, signer: PublicKey, model_id: &Mode
     Ok(())
 }
 
+/// Drops what a closed task's executors still owed it.
+fn release_assignments(pending: &mut Pending<'_>, task: &TaskRecord, id: &Digest) {
+    for executor in &task.executors {
+        if !task.receipts.iter().any(|receipt| receipt.body.executor == *executor) {
+            pending.delete(assignment_key(executor, id));
+        }
+    }
+}
+
 fn submit_receipt(pending: &mut Pending<'_>, signer: PublicKey, receipt: &Receipt) -> Result<(), TxError> {
     let body = &receipt.body;
     if body.executor != signer {
@@ -786,10 +885,12 @@ fn submit_receipt(pending: &mut Pending<'_>, signer: PublicKey, receipt: &Receip
     };
     let disagreement = task.receipts.iter().any(|earlier| !agrees(earlier));
     task.receipts.push(receipt.clone());
+    pending.delete(assignment_key(&signer, &id));
     if disagreement {
         // The escrow stays locked for the dispute game.
         task.status = TaskStatus::Disputed;
         pending.delete(deadline_key(task.deadline, &id));
+        release_assignments(pending, &task, &id);
     } else if task.receipts.len() == task.k() {
         task.status = TaskStatus::Finalized;
         pending.delete(deadline_key(task.deadline, &id));

@@ -9,7 +9,7 @@ pub mod state;
 pub mod tx;
 
 pub use block::{Block, BlockDecodeError, MAX_BLOCK_BYTES, block_seed};
-pub use exec::{BlockContext, BlockError, BuiltBlock, Ledger, TxError};
+pub use exec::{BlockContext, BlockError, BuiltBlock, Ledger, SnapshotError, TxError};
 pub use genesis::{Genesis, GenesisAccount, GenesisError, GenesisValidator, Params};
 pub use merkle::{ProofError, StateProof};
 pub use tx::{InputRef, SignedTransaction, Transaction, TxBody, TxDecodeError};

@@ -36,6 +36,8 @@ pub mod prefix {
     pub const DEADLINE: u8 = b'd';
     /// `u` + release height (8 bytes, big-endian) + public key → empty: stake unbonding.
     pub const UNBONDING: u8 = b'u';
+    /// `x` + executor public key + task id → empty: the executor owes the open task a receipt.
+    pub const ASSIGNMENT: u8 = b'x';
 }
 
 fn key_of(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -88,6 +90,16 @@ pub fn deadline_key(deadline: u64, task: &Digest) -> Vec<u8> {
 /// The key recording that `node` has stake released at `height`.
 pub fn unbonding_key(height: u64, node: &PublicKey) -> Vec<u8> {
     key_of(prefix::UNBONDING, &[&height.to_be_bytes(), node.as_bytes()])
+}
+
+/// The key recording that `executor` owes `task` a receipt.
+pub fn assignment_key(executor: &PublicKey, task: &Digest) -> Vec<u8> {
+    key_of(prefix::ASSIGNMENT, &[executor.as_bytes(), task.as_bytes()])
+}
+
+/// The prefix of every assignment `executor` holds.
+pub fn assignments_prefix(executor: &PublicKey) -> Vec<u8> {
+    key_of(prefix::ASSIGNMENT, &[executor.as_bytes()])
 }
 
 /// Encodes and decodes a record as the value stored under its key.

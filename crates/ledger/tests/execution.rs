@@ -5,7 +5,7 @@ use vouch_crypto::{Digest, PublicKey, SecretKey};
 use vouch_ledger::state::{TaskStatus, task_key};
 use vouch_ledger::{
     Block, BlockContext, BlockError, Genesis, GenesisAccount, GenesisValidator, InputRef, Ledger, Params,
-    SignedTransaction, Transaction, TxBody, TxError, block_seed,
+    SignedTransaction, SnapshotError, Transaction, TxBody, TxError, block_seed,
 };
 use vouch_types::receipt::{Receipt, ReceiptBody};
 use vouch_types::{BlobId, ModelId, VerifyLevel};
@@ -22,6 +22,7 @@ fn validator_key(index: u8) -> SecretKey {
 
 /// A chain with six staked validators and two funded users (keys 1 and 2).
 struct Chain {
+    genesis: Genesis,
     ledger: Ledger,
     height: u64,
     nonces: std::collections::HashMap<PublicKey, u64>,
@@ -58,6 +59,7 @@ impl Chain {
         genesis.check().expect("valid genesis");
         Self {
             ledger: Ledger::from_genesis(&genesis),
+            genesis,
             height: 1,
             nonces: Default::default(),
         }
@@ -395,6 +397,9 @@ fn agreeing_receipts_finalize_the_task_and_split_the_fee() {
     let task = chain.ledger.task(&task_id).expect("task").expect("open");
     assert_eq!(task.executors.len(), 3);
     assert_eq!(task.status, TaskStatus::Open);
+    for executor in &task.executors {
+        assert_eq!(chain.ledger.assigned_tasks(executor).expect("index"), vec![task_id]);
+    }
 
     // Someone not drawn cannot submit.
     let outsider = (0..VALIDATORS)
@@ -445,6 +450,9 @@ fn agreeing_receipts_finalize_the_task_and_split_the_fee() {
     let task = chain.ledger.task(&task_id).expect("task").expect("exists");
     assert_eq!(task.status, TaskStatus::Finalized);
     assert_eq!(task.receipts.len(), 3);
+    for executor in &task.executors {
+        assert!(chain.ledger.assigned_tasks(executor).expect("index").is_empty());
+    }
     for (executor, before) in task.executors.iter().zip(balances) {
         let proposer_fees = if *executor == validator_key(0).public_key() {
             3
@@ -498,6 +506,10 @@ fn a_wrong_receipt_disputes_the_task_and_locks_the_escrow() {
     let task = chain.ledger.task(&tx.id()).expect("task").expect("exists");
     assert_eq!(task.status, TaskStatus::Disputed);
     assert_eq!(task.receipts.len(), 2);
+    // Nobody owes a disputed task a receipt any more.
+    for executor in &task.executors {
+        assert!(chain.ledger.assigned_tasks(executor).expect("index").is_empty());
+    }
     // The escrow is not refunded when the deadline passes.
     let balance = chain.balance(&key(2));
     chain.advance(30);
@@ -521,6 +533,9 @@ fn an_unanswered_task_expires_and_refunds() {
     chain.advance(2);
     let task = chain.ledger.task(&tx.id()).expect("task").expect("exists");
     assert_eq!(task.status, TaskStatus::Expired);
+    for executor in &task.executors {
+        assert!(chain.ledger.assigned_tasks(executor).expect("index").is_empty());
+    }
     assert_eq!(chain.balance(&key(2)), before - 1);
     let late = executor_key(&task.executors[0]);
     assert!(matches!(
@@ -583,4 +598,38 @@ fn blocks_apply_whole_or_not_at_all_and_replay_to_the_same_root() {
     for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
         assert!(Block::decode(&bytes[..cut]).is_err());
     }
+}
+
+#[test]
+fn a_saved_state_restores_to_the_same_ledger_and_a_damaged_one_is_refused() {
+    let mut chain = Chain::new();
+    let model_id = chain.publish_served("saved");
+    let height = chain.height;
+    chain
+        .submit(&key(2), request(model_id, 2, 20, height + 20))
+        .expect("requested");
+    let saved = chain.ledger.snapshot();
+    let root = chain.ledger.root();
+    let restored = Ledger::from_snapshot(&chain.genesis, &saved, &root).expect("restores");
+    assert_eq!(restored, chain.ledger);
+
+    // A byte of the first key (after the entry count and the key's length) flipped.
+    let mut flipped = saved.clone();
+    flipped[8 + 4 + 1] ^= 1;
+    assert!(matches!(
+        Ledger::from_snapshot(&chain.genesis, &flipped, &root),
+        Err(SnapshotError::Root { .. })
+    ));
+    for cut in [0, 7, saved.len() / 2, saved.len() - 1] {
+        assert!(matches!(
+            Ledger::from_snapshot(&chain.genesis, &saved[..cut], &root),
+            Err(SnapshotError::Malformed(_))
+        ));
+    }
+    let mut longer = saved;
+    longer.push(0);
+    assert!(matches!(
+        Ledger::from_snapshot(&chain.genesis, &longer, &root),
+        Err(SnapshotError::Malformed(_))
+    ));
 }
