@@ -84,6 +84,12 @@ impl SecretKey {
         Self(SigningKey::from_bytes(&seed))
     }
 
+    /// The 32-byte seed, for handing the same key to another ed25519 implementation (the
+    /// consensus signer); keep what it returns as secret as the key.
+    pub fn to_seed(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
     /// The public half.
     pub fn public_key(&self) -> PublicKey {
         PublicKey(self.0.verifying_key().to_bytes())

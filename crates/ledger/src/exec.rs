@@ -6,6 +6,7 @@ use vouch_crypto::{Digest, PublicKey};
 use vouch_types::receipt::Receipt;
 use vouch_types::{ModelId, ModelName, VerifyLevel, Version};
 
+use crate::block::MAX_BLOCK_BYTES;
 use crate::genesis::{Genesis, Params};
 use crate::merkle::{AuthMap, StateProof};
 use crate::state::{
@@ -602,12 +603,21 @@ impl Ledger {
         next.begin_block(ctx).map_err(BlockError::Begin)?;
         let mut included = Vec::new();
         let mut refused = Vec::new();
+        // Room for the header and the list's length; transactions fill the rest.
+        let mut block_bytes = 1024;
         for tx in candidates {
             if included.len() >= self.params.max_block_txs as usize {
                 break;
             }
+            let tx_bytes = tx.encode().len() + 8;
+            if block_bytes + tx_bytes > MAX_BLOCK_BYTES {
+                break;
+            }
             match next.apply(ctx, &tx) {
-                Ok(()) => included.push(tx),
+                Ok(()) => {
+                    block_bytes += tx_bytes;
+                    included.push(tx);
+                }
                 Err(error) => refused.push((tx, error)),
             }
         }

@@ -340,12 +340,18 @@ impl SignedTransaction {
 
     /// Decodes a transaction's canonical encoding and checks its size and signature.
     pub fn decode(bytes: &[u8], chain_id: &Digest) -> Result<Self, TxDecodeError> {
+        let tx = Self::decode_unverified(bytes)?;
+        tx.check_signature(chain_id)?;
+        Ok(tx)
+    }
+
+    /// Decodes a transaction's canonical encoding and checks its size, leaving the signature to
+    /// the ledger, which checks it when the transaction is admitted or applied.
+    pub fn decode_unverified(bytes: &[u8]) -> Result<Self, TxDecodeError> {
         if bytes.len() > MAX_TX_BYTES {
             return Err(TxDecodeError::TooLarge { size: bytes.len() });
         }
-        let tx = decode_canonical(bytes, |b| read_whole(b, Self::read), Self::encode)?;
-        tx.check_signature(chain_id)?;
-        Ok(tx)
+        Ok(decode_canonical(bytes, |b| read_whole(b, Self::read), Self::encode)?)
     }
 
     /// Checks the signature against the signer's key for the chain `chain_id`.

@@ -41,12 +41,12 @@ impl<T> ModelCache<T> {
         }
     }
 
-    fn get(&self, key: &CacheKey) -> Option<Arc<T>> {
+    pub(crate) fn get(&self, key: &CacheKey) -> Option<Arc<T>> {
         let entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         entries.iter().find(|(k, _)| k == key).map(|(_, p)| p.clone())
     }
 
-    fn insert(&self, key: CacheKey, prepared: Arc<T>) {
+    pub(crate) fn insert(&self, key: CacheKey, prepared: Arc<T>) {
         if self.capacity == 0 {
             return;
         }

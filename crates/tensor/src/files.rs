@@ -39,6 +39,20 @@ impl TensorFormat {
         }
     }
 
+    /// The format of a file's bytes, told by how they start: the `.npy` magic, a zip header, a
+    /// JSON object, and otherwise an ONNX `TensorProto`.
+    pub fn sniff(bytes: &[u8]) -> Self {
+        if bytes.starts_with(b"\x93NUMPY") {
+            Self::Npy
+        } else if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
+            Self::Npz
+        } else if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            Self::Json
+        } else {
+            Self::TensorProto
+        }
+    }
+
     /// Decodes bytes of this format.
     pub fn decode(self, bytes: &[u8], limits: &TensorLimits) -> Result<Vec<NamedTensor>, TensorError> {
         match self {
@@ -120,4 +134,30 @@ pub fn write_tensor_file(path: &Path, tensors: &[NamedTensor]) -> Result<(), Ten
         path: path.display().to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Tensor, TensorData, to_json_value, write_tensor_proto};
+
+    #[test]
+    fn every_format_is_told_from_its_own_bytes() {
+        let named = NamedTensor {
+            name: Some("x".into()),
+            tensor: Tensor::new(vec![2], TensorData::F32(vec![1.0, -2.5])).expect("tensor"),
+        };
+        let json = serde_json::to_vec(&to_json_value(std::slice::from_ref(&named)).expect("json")).expect("bytes");
+        let cases = [
+            (write_npy(&named.tensor), TensorFormat::Npy),
+            (write_npz(std::slice::from_ref(&named)).expect("npz"), TensorFormat::Npz),
+            (write_tensor_proto(&named), TensorFormat::TensorProto),
+            ([b"  \n".as_slice(), &json].concat(), TensorFormat::Json),
+        ];
+        for (bytes, format) in cases {
+            assert_eq!(TensorFormat::sniff(&bytes), format);
+            let decoded = format.decode(&bytes, &TensorLimits::default()).expect("decodes");
+            assert_eq!(decoded[0].tensor, named.tensor);
+        }
+    }
 }

@@ -14,15 +14,25 @@ use commonware_cryptography::ed25519::PublicKey as ConsensusKey;
 use commonware_cryptography::{Digested, Digestible};
 use commonware_utils::Acknowledgement;
 use futures::StreamExt;
+use futures::channel::mpsc;
 use tracing::{debug, error, warn};
 use vouch_crypto::{Digest, PublicKey};
 use vouch_ledger::{Block, BlockContext, Genesis, Ledger, SignedTransaction, TxError, block_seed};
 
 use super::Scheme;
 use super::block::{ChainBlock, from_chain_digest, to_chain_digest};
+use super::persist::{Finalization, Recovered};
 
 /// The most transactions the mempool holds.
 pub const MAX_MEMPOOL_TXS: usize = 100_000;
+
+/// How many finalized blocks [`LedgerApp::finalized`] remembers.
+pub const MAX_HISTORY: usize = 10_000;
+
+/// A saved finalized block that does not apply on top of the saved state before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the saved finalized block at height {0} does not apply to the saved state")]
+pub struct RecoverError(pub u64);
 
 /// Why a transaction was not admitted to the mempool.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,7 +69,9 @@ struct ChainState {
     finalized_digest: ChainDigest,
     finalized_height: u64,
     finalized_ledger: Arc<Ledger>,
-    history: Vec<Finalized>,
+    /// The last [`MAX_HISTORY`] finalized blocks.
+    history: VecDeque<Finalized>,
+    watchers: Vec<mpsc::Sender<()>>,
     /// Waiting transactions with their ids, in arrival order.
     mempool: VecDeque<(Digest, SignedTransaction)>,
     mempool_ids: HashSet<Digest>,
@@ -82,6 +94,9 @@ impl ChainState {
 pub struct LedgerApp {
     me: PublicKey,
     state: Arc<Mutex<ChainState>>,
+    /// Where finalized blocks go to be saved before they are acknowledged (none: acknowledged
+    /// at once, for tests that keep nothing).
+    persist: Option<mpsc::UnboundedSender<Finalization>>,
 }
 
 impl std::fmt::Debug for LedgerApp {
@@ -115,11 +130,20 @@ impl LedgerApp {
                 finalized_digest: genesis_digest,
                 finalized_height: 0,
                 finalized_ledger: ledger,
-                history: Vec::new(),
+                history: VecDeque::new(),
+                watchers: Vec::new(),
                 mempool: VecDeque::new(),
                 mempool_ids: HashSet::new(),
             })),
+            persist: None,
         }
+    }
+
+    /// The same application, sending each finalized block to `persist` to be saved and
+    /// acknowledged there.
+    pub fn with_persistence(mut self, persist: mpsc::UnboundedSender<Finalization>) -> Self {
+        self.persist = Some(persist);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, ChainState> {
@@ -132,9 +156,10 @@ impl LedgerApp {
         self.lock().finalized_ledger.clone()
     }
 
-    /// The blocks finalized so far, in height order.
+    /// The last blocks finalized (at most [`MAX_HISTORY`]; since the start of this process), in
+    /// height order.
     pub fn finalized(&self) -> Vec<Finalized> {
-        self.lock().history.clone()
+        self.lock().history.iter().cloned().collect()
     }
 
     /// The height of the last finalized block.
@@ -145,6 +170,86 @@ impl LedgerApp {
     /// How many transactions wait in the mempool.
     pub fn mempool_len(&self) -> usize {
         self.lock().mempool.len()
+    }
+
+    /// Continues from a saved state: the snapshot, then the finalized blocks saved after it.
+    pub fn recover(&self, recovered: Recovered) -> Result<(), RecoverError> {
+        {
+            let mut state = self.lock();
+            state.finalized_digest = to_chain_digest(&recovered.digest);
+            state.finalized_height = recovered.height;
+            state.finalized_ledger = recovered.ledger;
+        }
+        for block in &recovered.blocks {
+            self.apply_finalized(block).map_err(RecoverError)?;
+        }
+        Ok(())
+    }
+
+    /// A stream that yields each time a block is finalized (several blocks may yield once: read
+    /// the state when it does).
+    pub fn subscribe(&self) -> mpsc::Receiver<()> {
+        let (sender, receiver) = mpsc::channel(1);
+        self.lock().watchers.push(sender);
+        receiver
+    }
+
+    /// Applies a finalized block to the finalized state; `Ok(None)` when it was applied before,
+    /// `Err(height)` when it does not apply.
+    fn apply_finalized(&self, block: &ChainBlock) -> Result<Option<Arc<Ledger>>, u64> {
+        let digest = block.digest();
+        let inner = block.block();
+        let mut state = self.lock();
+        if inner.height <= state.finalized_height {
+            return Ok(None);
+        }
+        let ledger = match state.pending.get(&digest) {
+            Some((_, ledger)) => ledger.clone(),
+            None => match state.finalized_ledger.execute_block(&inner.context(), &inner.txs) {
+                Ok(next) if next.root() == inner.state_root => Arc::new(next),
+                _ => return Err(inner.height),
+            },
+        };
+        state.finalized_digest = digest;
+        state.finalized_height = inner.height;
+        state.finalized_ledger = ledger.clone();
+        let finalized_height = inner.height;
+        state.pending.retain(|_, (height, _)| *height > finalized_height);
+        let included: HashSet<Digest> = inner.txs.iter().map(SignedTransaction::id).collect();
+        let ChainState {
+            mempool,
+            mempool_ids,
+            watchers,
+            history,
+            ..
+        } = &mut *state;
+        mempool.retain(|(id, tx)| {
+            // Drop what the block carried and what can never apply again (a used nonce).
+            let stale = ledger
+                .account(&tx.tx.signer)
+                .map(|account| tx.tx.nonce < account.nonce)
+                .unwrap_or(true);
+            let keep = !included.contains(id) && !stale;
+            if !keep {
+                mempool_ids.remove(id);
+            }
+            keep
+        });
+        if history.len() >= MAX_HISTORY {
+            history.pop_front();
+        }
+        history.push_back(Finalized {
+            height: inner.height,
+            digest: from_chain_digest(&digest),
+            state_root: inner.state_root,
+            tx_count: inner.txs.len(),
+        });
+        // A full channel already holds a wake-up; a closed one belongs to a stopped watcher.
+        watchers.retain_mut(|watcher| match watcher.try_send(()) {
+            Ok(()) => true,
+            Err(error) => error.is_full(),
+        });
+        Ok(Some(ledger))
     }
 
     /// Admits a transaction to the mempool after checking it against the finalized state
@@ -319,59 +424,26 @@ impl Reporter for LedgerApp {
         let Update::Block(block, ack) = activity else {
             return Feedback::Ok;
         };
-        let digest = block.digest();
-        let inner = block.inner().block();
-        let mut state = self.lock();
-        if inner.height <= state.finalized_height {
-            // Marshal redelivers after a restart; the block is already applied.
-            ack.acknowledge();
-            return Feedback::Ok;
-        }
-        let ledger = match state.pending.get(&digest) {
-            Some((_, ledger)) => ledger.clone(),
-            None => match state.finalized_ledger.execute_block(&inner.context(), &inner.txs) {
-                Ok(next) if next.root() == inner.state_root => Arc::new(next),
-                _ => {
-                    // A finalized block that does not apply means this node's state diverged;
-                    // stop acknowledging rather than build on it.
-                    error!(
-                        height = inner.height,
-                        "finalized block does not apply to the local state"
-                    );
-                    return Feedback::Ok;
+        match self.apply_finalized(block.inner()) {
+            Ok(Some(ledger)) => match &self.persist {
+                Some(persist) => {
+                    let finalization = Finalization {
+                        block: block.inner().clone(),
+                        ledger,
+                        ack,
+                    };
+                    if persist.unbounded_send(finalization).is_err() {
+                        error!("the chain storage stopped; this validator stops applying blocks");
+                    }
                 }
+                None => ack.acknowledge(),
             },
-        };
-        state.finalized_digest = digest;
-        state.finalized_height = inner.height;
-        state.finalized_ledger = ledger;
-        let finalized_height = inner.height;
-        state.pending.retain(|_, (height, _)| *height > finalized_height);
-        let included: HashSet<Digest> = inner.txs.iter().map(SignedTransaction::id).collect();
-        let finalized_ledger = state.finalized_ledger.clone();
-        let ChainState {
-            mempool, mempool_ids, ..
-        } = &mut *state;
-        mempool.retain(|(id, tx)| {
-            // Drop what the block carried and what can never apply again (a used nonce).
-            let stale = finalized_ledger
-                .account(&tx.tx.signer)
-                .map(|account| tx.tx.nonce < account.nonce)
-                .unwrap_or(true);
-            let keep = !included.contains(id) && !stale;
-            if !keep {
-                mempool_ids.remove(id);
-            }
-            keep
-        });
-        state.history.push(Finalized {
-            height: inner.height,
-            digest: from_chain_digest(&digest),
-            state_root: inner.state_root,
-            tx_count: inner.txs.len(),
-        });
-        drop(state);
-        ack.acknowledge();
+            // Marshal redelivers after a restart; the block is already applied and saved.
+            Ok(None) => ack.acknowledge(),
+            // A finalized block that does not apply means this node's state diverged; stop
+            // acknowledging (which stops marshal) rather than build on it.
+            Err(height) => error!(height, "finalized block does not apply to the local state"),
+        }
         Feedback::Ok
     }
 }

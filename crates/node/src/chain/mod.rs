@@ -3,6 +3,9 @@
 
 pub mod app;
 pub mod block;
+pub mod executor;
+pub mod persist;
+pub mod validator;
 
 /// The signing scheme validators vote with: ed25519, attributable, 2f+1 of 3f+1.
 pub type Scheme = commonware_consensus::simplex::scheme::ed25519::Scheme;
