@@ -1,5 +1,6 @@
 //! The `vouch` command: run a node, manage keys, publish and fetch models, and run them.
 
+mod devnet;
 mod receipts;
 mod run_model;
 
@@ -15,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use vouch_client::{Client, Progress};
 use vouch_crypto::SecretKey;
-use vouch_node::{NodeConfig, NodeLimits};
+use vouch_node::{ChainOptions, NodeConfig, NodeLimits};
 use vouch_types::api::{BlobInfo, ModelView};
 use vouch_types::{BlobId, Manifest, ManifestBody, ModelFile, ModelFormat, ModelName, ModelRef, PlanRef, Version};
 
@@ -41,7 +42,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node: blob store, model registry and HTTP API.
+    /// Run a local network: validator nodes as separate processes on loopback.
+    Devnet(devnet::DevnetArgs),
+    /// Run a node: blob store, model registry and HTTP API (and, with --genesis, a validator).
     Node(NodeArgs),
     /// Create or show the signing key.
     #[command(subcommand)]
@@ -68,6 +71,13 @@ struct NodeArgs {
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:7070")]
     api: SocketAddr,
+    /// Join the network of this genesis file as one of its validators (the node's key must be
+    /// listed in it).
+    #[arg(long)]
+    genesis: Option<PathBuf>,
+    /// Where to listen for peers (default: this validator's p2p address in the genesis).
+    #[arg(long, requires = "genesis")]
+    p2p: Option<SocketAddr>,
     /// Largest blob accepted, in bytes.
     #[arg(long, default_value_t = NodeLimits::default().max_upload_bytes)]
     max_upload_bytes: u64,
@@ -211,6 +221,7 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
+        Command::Devnet(args) => devnet::run(args, vouch_home()?.join("devnet")).await,
         Command::Node(args) => run_node(args, cli.json).await,
         Command::Key(command) => run_key(&cli, command),
         Command::Model(command) => run_model(&cli, command).await,
@@ -225,6 +236,7 @@ async fn run_node(args: &NodeArgs, json: bool) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
@@ -240,10 +252,15 @@ async fn run_node(args: &NodeArgs, json: bool) -> Result<()> {
         ..NodeLimits::default()
     };
     limits.manifest.max_encoded_bytes = args.max_manifest_bytes;
+    let chain = match &args.genesis {
+        Some(path) => Some(chain_options(path, args.p2p, &data_dir)?),
+        None => None,
+    };
     let node = vouch_node::start(NodeConfig {
         data_dir: data_dir.clone(),
         api_addr: args.api,
         limits,
+        chain,
     })
     .await?;
     // Scripts and tests read this line to learn the address (the port may have been 0).
@@ -260,6 +277,29 @@ async fn run_node(args: &NodeArgs, json: bool) -> Result<()> {
     eprintln!("shutting down");
     node.shutdown().await?;
     Ok(())
+}
+
+/// Reads the genesis and finds where this node, as one of its validators, listens for peers.
+fn chain_options(path: &std::path::Path, p2p: Option<SocketAddr>, data_dir: &std::path::Path) -> Result<ChainOptions> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let genesis = vouch_ledger::Genesis::from_json(&text).with_context(|| format!("{}", path.display()))?;
+    let key_path = data_dir.join(vouch_node::NODE_KEY_FILE);
+    let key =
+        SecretKey::load(&key_path).with_context(|| format!("a validator needs its key at {}", key_path.display()))?;
+    let me = key.public_key();
+    let Some(entry) = genesis.validators.iter().find(|v| v.public_key == me) else {
+        bail!("this node's key {me} is not a validator in {}", path.display());
+    };
+    let p2p_addr = match p2p {
+        Some(addr) => addr,
+        None => entry.p2p_address.parse().with_context(|| {
+            format!(
+                "the genesis gives this validator the p2p address {:?}",
+                entry.p2p_address
+            )
+        })?,
+    };
+    Ok(ChainOptions { genesis, p2p_addr })
 }
 
 async fn wait_for_shutdown_signal() -> Result<()> {

@@ -285,6 +285,24 @@ impl Client {
         self.json(self.http.post(self.url("/v1/infer")).json(request)).await
     }
 
+    /// `GET /v1/chain/status`: the chain id and the node's finalized tip.
+    pub async fn chain_status(&self) -> Result<serde_json::Value, ClientError> {
+        self.json(self.http.get(self.url("/v1/chain/status"))).await
+    }
+
+    /// `POST /v1/chain/transactions`: submits a signed transaction's canonical encoding; the
+    /// answer holds its id.
+    pub async fn submit_transaction(&self, encoded: Vec<u8>) -> Result<serde_json::Value, ClientError> {
+        self.json(self.http.post(self.url("/v1/chain/transactions")).body(encoded))
+            .await
+    }
+
+    /// `GET /v1/chain/accounts/{key}`: balance and nonce with a proof against the state root.
+    pub async fn chain_account(&self, key: &vouch_crypto::PublicKey) -> Result<serde_json::Value, ClientError> {
+        self.json(self.http.get(self.url(&format!("/v1/chain/accounts/{key}"))))
+            .await
+    }
+
     /// Publishes a signed manifest.
     pub async fn publish(&self, manifest: &Manifest) -> Result<PublishInfo, ClientError> {
         let info: PublishInfo = self

@@ -35,6 +35,8 @@ pub(crate) struct AppState {
     pub upload_slots: Arc<Semaphore>,
     pub download_slots: Arc<Semaphore>,
     pub inference: Arc<crate::infer::Inference>,
+    /// The validator, when the node takes part in a network.
+    pub chain: Option<crate::chain::validator::Validator>,
 }
 
 /// Builds the router.
@@ -53,6 +55,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/models", post(publish_model).get(list_models))
         .route("/v1/models/{*reference}", get(show_model))
         .route("/v1/infer", post(crate::infer::infer))
+        .route("/v1/chain/status", get(crate::chain_api::status))
+        .route("/v1/chain/transactions", post(crate::chain_api::submit))
+        .route("/v1/chain/accounts/{key}", get(crate::chain_api::account))
+        .route("/v1/chain/tasks/{id}", get(crate::chain_api::task))
         .layer(middleware::from_fn_with_state(request_timeout, deadline));
     transfers
         .merge(queries)

@@ -2,6 +2,7 @@
 
 mod api;
 pub mod chain;
+mod chain_api;
 mod error;
 mod infer;
 mod metrics;
@@ -91,6 +92,17 @@ pub struct NodeConfig {
     pub api_addr: SocketAddr,
     /// Limits.
     pub limits: NodeLimits,
+    /// The network to take part in (none: a standalone node).
+    pub chain: Option<ChainOptions>,
+}
+
+/// How a node takes part in a network.
+#[derive(Debug, Clone)]
+pub struct ChainOptions {
+    /// The chain's genesis; the node's key must be one of its validators.
+    pub genesis: vouch_ledger::Genesis,
+    /// Where the node listens for its peers.
+    pub p2p_addr: SocketAddr,
 }
 
 /// Errors starting a node.
@@ -114,6 +126,12 @@ pub enum NodeError {
     /// The node's signing key could not be read or created.
     #[error("node key: {0}")]
     Key(#[from] CryptoError),
+    /// The node could not join the network.
+    #[error("cannot join the network: {0}")]
+    Chain(#[from] chain::service::ChainError),
+    /// Starting the network stopped part way.
+    #[error("starting the network failed: {0}")]
+    ChainStart(#[from] tokio::task::JoinError),
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
@@ -132,6 +150,7 @@ pub struct RunningNode {
     node_key: vouch_crypto::PublicKey,
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<std::io::Result<()>>,
+    chain: Option<chain::service::RunningChain>,
 }
 
 impl RunningNode {
@@ -150,10 +169,16 @@ impl RunningNode {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting requests, lets those in flight finish, and returns.
+    /// Stops accepting requests, lets those in flight finish, stops consensus, and returns.
     pub async fn shutdown(self) -> std::io::Result<()> {
         let _ = self.shutdown.send(());
-        self.server.await.map_err(std::io::Error::other)?
+        let served = self.server.await.map_err(std::io::Error::other)?;
+        if let Some(chain) = self.chain {
+            tokio::task::spawn_blocking(move || chain.stop())
+                .await
+                .map_err(std::io::Error::other)?;
+        }
+        served
     }
 }
 
@@ -172,14 +197,32 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         cache: infer::ModelCache::new(config.limits.max_cached_models),
         slots: Arc::new(Semaphore::new(config.limits.max_concurrent_inferences)),
     };
+    let store: Arc<dyn vouch_store::BlobStore> = Arc::new(store);
+    let chain = match &config.chain {
+        Some(options) => {
+            let chain_config = chain::service::ChainConfig {
+                genesis: options.genesis.clone(),
+                key: inference.key.clone(),
+                p2p_addr: options.p2p_addr,
+                storage_dir: config.data_dir.join("chain"),
+                store: store.clone(),
+                max_blob_bytes: config.limits.max_inspect_bytes,
+                inference_threads: config.limits.inference_threads,
+                worker_threads: 2,
+            };
+            Some(tokio::task::spawn_blocking(move || chain::service::start(chain_config)).await??)
+        }
+        None => None,
+    };
     let state = api::AppState {
-        store: Arc::new(store),
+        store,
         registry: Arc::new(registry),
         metrics: Arc::new(Metrics::new()),
         upload_slots: Arc::new(Semaphore::new(config.limits.max_concurrent_uploads)),
         download_slots: Arc::new(Semaphore::new(config.limits.max_concurrent_downloads)),
         inference: Arc::new(inference),
         limits: config.limits,
+        chain: chain.as_ref().map(|chain| chain.validator().clone()),
     };
     let listener = TcpListener::bind(config.api_addr)
         .await
@@ -207,6 +250,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         node_key,
         shutdown,
         server,
+        chain,
     })
 }
 

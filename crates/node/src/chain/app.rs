@@ -162,6 +162,12 @@ impl LedgerApp {
         self.lock().history.iter().cloned().collect()
     }
 
+    /// The height and digest of the last finalized block.
+    pub fn finalized_tip(&self) -> (u64, Digest) {
+        let state = self.lock();
+        (state.finalized_height, from_chain_digest(&state.finalized_digest))
+    }
+
     /// The height of the last finalized block.
     pub fn finalized_height(&self) -> u64 {
         self.lock().finalized_height

@@ -5,6 +5,7 @@ pub mod app;
 pub mod block;
 pub mod executor;
 pub mod persist;
+pub mod service;
 pub mod validator;
 
 /// The signing scheme validators vote with: ed25519, attributable, 2f+1 of 3f+1.

@@ -189,13 +189,13 @@ impl Validator {
 }
 
 /// The consensus key of a Vouch key: the same ed25519 key.
-fn consensus_private_key(key: &SecretKey) -> PrivateKey {
+pub(crate) fn consensus_private_key(key: &SecretKey) -> PrivateKey {
     let seed = key.to_seed();
     PrivateKey::decode(bytes::Bytes::copy_from_slice(&seed))
         .unwrap_or_else(|_| unreachable!("every 32-byte seed is an ed25519 key"))
 }
 
-fn consensus_public_key(key: &PublicKey) -> Result<ConsensusKey, StartError> {
+pub(crate) fn consensus_public_key(key: &PublicKey) -> Result<ConsensusKey, StartError> {
     ConsensusKey::decode(bytes::Bytes::copy_from_slice(key.as_bytes())).map_err(|_| StartError::BadValidatorKey(*key))
 }
 
@@ -212,7 +212,7 @@ pub fn participants(genesis: &Genesis) -> Result<Set<ConsensusKey>, StartError> 
 
 /// The namespace votes are signed in: one per chain, so that votes cannot be replayed across
 /// chains.
-fn namespace(genesis: &Genesis) -> Vec<u8> {
+pub(crate) fn namespace(genesis: &Genesis) -> Vec<u8> {
     format!("vouch-{}", genesis.chain_id()).into_bytes()
 }
 
