@@ -159,6 +159,47 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
     send_transfers(&devnet.urls[0], &dev, &chain_id, 0..10, &recipient).await;
     wait_for_balance(&devnet.urls, &recipient, 10 * AMOUNT).await;
 
+    // Queries name what was wrong; a replayed nonce is refused.
+    let http = reqwest::Client::new();
+    let unknown_task = vouch_crypto::Digest::of("no such task", b"");
+    for (path, status, code) in [
+        (format!("/v1/chain/tasks/{unknown_task}"), 404, "unknown_task"),
+        ("/v1/chain/tasks/xyz".to_string(), 400, "invalid_task_id"),
+        ("/v1/chain/accounts/xyz".to_string(), 400, "invalid_public_key"),
+    ] {
+        let response = http
+            .get(format!("{}{path}", devnet.urls[0]))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(response.status().as_u16(), status, "{path}");
+        let body: serde_json::Value = response.json().await.expect("json");
+        assert_eq!(body["error"]["code"], code, "{path}");
+    }
+    let replayed = Transaction {
+        signer: dev.public_key(),
+        nonce: 0,
+        fee: 1,
+        body: TxBody::Transfer {
+            to: recipient,
+            amount: AMOUNT,
+        },
+    }
+    .sign(&dev, &chain_id);
+    let response = http
+        .post(format!("{}/v1/chain/transactions", devnet.urls[2]))
+        .body(replayed.encode())
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status().as_u16(), 422);
+    let account = Client::new(&devnet.urls[2])
+        .expect("client")
+        .chain_account(&dev.public_key())
+        .await
+        .expect("account");
+    assert_eq!(account["nonce"].as_u64(), Some(10));
+
     // Node 3 is SIGKILLed; the other three keep finalizing.
     signal(devnet.pids[3], "-KILL");
     let before = height(&devnet.urls[0]).await.expect("height");

@@ -387,6 +387,7 @@ async fn every_error_is_json_with_a_code_and_the_right_status() {
         (get("/v1/models/acme/none@1").await, 404, "model_not_found"),
         (get("/v1/models/NotAName").await, 400, "invalid_reference"),
         (get("/v1/nothing-here").await, 404, "not_found"),
+        (get("/v1/chain/status").await, 404, "no_chain"),
         (
             http.post(format!("{}/v1/blobs", node.url))
                 .header("transfer-encoding", "chunked")

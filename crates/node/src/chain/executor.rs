@@ -72,6 +72,9 @@ pub enum AnswerError {
     /// The input does not decode.
     #[error("input: {0}")]
     Input(String),
+    /// The receipt could not be signed.
+    #[error("receipt: {0}")]
+    Receipt(vouch_types::ReceiptError),
     /// The input's hash differs from the one the task names.
     #[error("the input hashes to {computed}, the task names {expected}")]
     InputHash {
@@ -157,7 +160,7 @@ fn answer(
         executor: config.key.public_key(),
     }
     .sign(&config.key)
-    .map_err(|e| AnswerError::Manifest(e.to_string()))
+    .map_err(AnswerError::Receipt)
 }
 
 /// What the executor has done for the tasks it still owes.

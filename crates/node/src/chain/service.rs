@@ -139,13 +139,12 @@ pub fn start(config: ChainConfig) -> Result<RunningChain, ChainError> {
         .name("vouch-consensus".into())
         .spawn(move || {
             commonware_runtime::tokio::Runner::new(runtime_config).start(|context| async move {
-                let outcome = run(context, config, peers).await;
-                match outcome {
-                    Ok((validator, context)) => {
+                // The validator's tasks are children of this one: they run until it returns.
+                match run(&context, config, peers).await {
+                    Ok(validator) => {
                         let _ = started_sender.send(Ok(validator));
                         let _ = stopped.await;
                         info!("consensus stopping");
-                        drop(context);
                     }
                     Err(error) => {
                         let _ = started_sender.send(Err(error));
@@ -172,10 +171,10 @@ pub fn start(config: ChainConfig) -> Result<RunningChain, ChainError> {
 }
 
 async fn run(
-    context: commonware_runtime::tokio::Context,
+    context: &commonware_runtime::tokio::Context,
     config: ChainConfig,
     peers: Vec<(commonware_cryptography::ed25519::PublicKey, Address)>,
-) -> Result<(Validator, commonware_runtime::tokio::Context), ChainError> {
+) -> Result<Validator, ChainError> {
     let genesis = &config.genesis;
     let signer = validator::consensus_private_key(&config.key);
     let namespace = validator::namespace(genesis);
@@ -199,7 +198,7 @@ async fn run(
     );
     let (mut network, mut oracle) = lookup::Network::new(context.child("p2p"), p2p_config);
     let peer_count = peers.len();
-    let peers: Map<_, Address> = peers.try_into().map_err(|_| ChainError::Stopped)?;
+    let peers: Map<_, Address> = peers.try_into().map_err(|_| StartError::DuplicateValidator)?;
     let _ = oracle.track(0, peers);
     let mut channel = |id| network.register(id, CHANNEL_QUOTA);
     let channels = Channels {
@@ -244,5 +243,5 @@ async fn run(
         executor::run(context, executor_validator, executor).await;
         error!("the executor stopped");
     });
-    Ok((validator, context))
+    Ok(validator)
 }

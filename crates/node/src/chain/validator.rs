@@ -25,7 +25,7 @@ use commonware_runtime::buffer::paged::CacheRef;
 use commonware_runtime::{Clock, Metrics, Spawner, Storage, Supervisor};
 use commonware_storage::archive::immutable;
 use commonware_utils::ordered::Set;
-use commonware_utils::{NZDuration, NZU16, NZU64, NZUsize};
+use commonware_utils::{NZU16, NZU64, NZUsize};
 use futures::StreamExt;
 use futures::channel::mpsc;
 use rand_core::CryptoRng;
@@ -135,6 +135,9 @@ pub enum StartError {
     /// The genesis lists a key consensus cannot use.
     #[error("genesis validator key {0} is not a valid ed25519 key")]
     BadValidatorKey(PublicKey),
+    /// The genesis lists a validator twice.
+    #[error("the genesis lists a validator twice")]
+    DuplicateValidator,
     /// The saved state could not be opened or restored.
     #[error("{0}")]
     Persist(#[from] PersistError),
@@ -199,6 +202,11 @@ pub(crate) fn consensus_public_key(key: &PublicKey) -> Result<ConsensusKey, Star
     ConsensusKey::decode(bytes::Bytes::copy_from_slice(key.as_bytes())).map_err(|_| StartError::BadValidatorKey(*key))
 }
 
+fn fetch_timeout(timing: &Timing) -> commonware_utils::NonZeroDuration {
+    commonware_utils::NonZeroDuration::new(Duration::from_millis(timing.fetch_timeout_ms.max(1)))
+        .unwrap_or_else(|| unreachable!("a positive duration"))
+}
+
 /// The validators of `genesis` as consensus keys.
 pub fn participants(genesis: &Genesis) -> Result<Set<ConsensusKey>, StartError> {
     let keys = genesis
@@ -207,7 +215,7 @@ pub fn participants(genesis: &Genesis) -> Result<Set<ConsensusKey>, StartError> 
         .map(|validator| consensus_public_key(&validator.public_key))
         .collect::<Result<Vec<_>, _>>()?;
     // Genesis checks refuse duplicate validators.
-    Set::try_from(keys).map_err(|_| StartError::Storage("genesis lists a validator twice".into()))
+    Set::try_from(keys).map_err(|_| StartError::DuplicateValidator)
 }
 
 /// The namespace votes are signed in: one per chain, so that votes cannot be replayed across
@@ -293,7 +301,7 @@ where
             peer_provider: peers.clone(),
             blocker: blocker.clone(),
             mailbox_size: MAILBOX_SIZE,
-            fetch_timeout: NZDuration!(Duration::from_secs(2)),
+            fetch_timeout: fetch_timeout(&timing),
             fetch_retry_delay: Duration::from_millis(100),
             priority_requests: false,
             priority_responses: false,
@@ -387,7 +395,7 @@ where
                 timeout: Duration::from_millis(timing.skip_timeout_ms),
                 budget: SkipBudget::Participants,
             },
-            fetch_timeout: NZDuration!(Duration::from_secs(1)),
+            fetch_timeout: fetch_timeout(&timing),
             fetch_retry_delay: Duration::from_millis(100),
             forward: ForwardPolicy::Disabled,
             track_historical_votes: false,
