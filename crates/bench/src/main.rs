@@ -269,7 +269,8 @@ fn hub(size_mib: u64, runs: usize, dir: Option<PathBuf>) -> Result<()> {
             "vouch pull (verified stream to file)",
             "vouch pull, repeated in the same processes",
         ] {
-            let (t, pulled_size) = time(|| Ok(runtime.block_on(client.get_blob_to_file(&info.id, &pulled, None))?))?;
+            let (t, pulled_size) =
+                time(|| Ok(runtime.block_on(client.get_blob_to_file(&info.id, &pulled, u64::MAX, None))?))?;
             anyhow::ensure!(pulled_size == size, "pulled {pulled_size} bytes");
             results.record(name, t);
             std::fs::remove_file(&pulled)?;

@@ -37,6 +37,9 @@ pub struct DevnetArgs {
     /// 127.0.0.1:BASE_PORT+100+i.
     #[arg(long, default_value_t = 7070)]
     base_port: u16,
+    /// How many nodes replicate each published model (written into a new devnet's genesis).
+    #[arg(long, default_value_t = Params::default().replication)]
+    replication: u8,
 }
 
 /// One node of the devnet.
@@ -99,7 +102,10 @@ fn genesis_for(dir: &Path, args: &DevnetArgs) -> Result<Genesis> {
     });
     let genesis = Genesis {
         chain_name: "vouch-devnet".into(),
-        params: Params::default(),
+        params: Params {
+            replication: args.replication,
+            ..Params::default()
+        },
         validators,
         accounts,
     };

@@ -1,5 +1,6 @@
 //! The `vouch` command: run a node, manage keys, publish and fetch models, and run them.
 
+mod chain;
 mod devnet;
 mod receipts;
 mod run_model;
@@ -61,6 +62,24 @@ enum Command {
     Infer(receipts::InferArgs),
     /// Check a receipt: its signature, its model and plan, and (with --input) by re-execution.
     Verify(receipts::VerifyArgs),
+    /// Show an account's balance, nonce and stake on the ledger.
+    Account(chain::AccountArgs),
+    /// Move funds to another account (signed with --key, waits for finality).
+    Transfer(chain::TransferArgs),
+    /// Stake as a node (register or add stake), or start unbonding with --unstake.
+    Stake(chain::StakeArgs),
+    /// Quorum tasks on the ledger.
+    #[command(subcommand)]
+    Task(TaskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Show a task: its model, executors, receipts and status.
+    Show {
+        /// The task id.
+        id: vouch_crypto::Digest,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +248,23 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run_model::run(&cli.node, cli.json, args).await,
         Command::Infer(args) => receipts::infer(&cli.node, cli.json, args).await,
         Command::Verify(args) => receipts::verify(&cli.node, cli.json, args).await,
+        Command::Account(args) => {
+            let key = match &args.public_key {
+                Some(_) => None,
+                None => Some(load_key(&cli)?),
+            };
+            chain::account(&Client::new(&cli.node)?, key.as_ref(), args, cli.json).await
+        }
+        Command::Transfer(args) => {
+            let body = vouch_ledger::TxBody::Transfer {
+                to: args.to,
+                amount: args.amount,
+            };
+            let what = format!("transferred {} to {}", args.amount, args.to);
+            chain::send_and_wait(&Client::new(&cli.node)?, &load_key(&cli)?, body, &what, cli.json).await
+        }
+        Command::Stake(args) => chain::stake(&Client::new(&cli.node)?, &load_key(&cli)?, args, cli.json).await,
+        Command::Task(TaskCommand::Show { id }) => chain::show_task(&Client::new(&cli.node)?, id, cli.json).await,
     }
 }
 
@@ -420,7 +456,19 @@ async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
                 });
             }
             let manifest = onnx_manifest(args, schema, &uploaded, plans, &key)?;
-            let published = client.publish(&manifest).await?;
+            let mut published = client.publish(&manifest).await?;
+            if published.staged {
+                // A network node: the ledger publishes the model once our transaction is final.
+                let body = vouch_ledger::TxBody::PublishModel {
+                    model_id: published.id,
+                    name: name.clone(),
+                    version: version.clone(),
+                };
+                let sent = chain::submit(&client, &key, body).await?;
+                chain::wait_finalized(&client, &key.public_key(), &sent).await?;
+                wait_registered(&client, &published.id).await?;
+                published.created = true;
+            }
             let plan_id = manifest.body.plans.first().map(|p| p.id);
             if cli.json {
                 return print_json(&json!({
@@ -452,7 +500,7 @@ async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
             let file = manifest.body.files.first().context("the manifest lists no files")?;
             let bar = progress_bar(cli, "downloading", file.size);
             let size = client
-                .get_blob_to_file(&file.blob, output, bar.as_ref().map(|(_, p)| p.clone()))
+                .get_blob_to_file(&file.blob, output, u64::MAX, bar.as_ref().map(|(_, p)| p.clone()))
                 .await?;
             if let Some((bar, _)) = bar {
                 bar.finish_and_clear();
@@ -509,6 +557,20 @@ async fn run_model(cli: &Cli, command: &ModelCommand) -> Result<()> {
 }
 
 /// The name a unit enum has in the JSON API (`float32`, `onnx`), so both outputs agree.
+/// Waits until the node's registry holds `id`, which follows the ledger.
+async fn wait_registered(client: &Client, id: &vouch_types::ModelId) -> Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        match client.show_model(&ModelRef::Id(*id)).await {
+            Ok(_) => return Ok(()),
+            Err(vouch_client::ClientError::Api { status: 404, .. }) if started.elapsed() < chain::FINALITY_TIMEOUT => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
 fn serde_name(value: &impl serde::Serialize) -> String {
     serde_json::to_value(value)
         .ok()
@@ -575,7 +637,7 @@ async fn run_blob(cli: &Cli, command: &BlobCommand) -> Result<()> {
         BlobCommand::Get { id, output } => {
             let bar = progress_bar(cli, "downloading", 0);
             let size = client
-                .get_blob_to_file(id, output, bar.as_ref().map(|(_, p)| p.clone()))
+                .get_blob_to_file(id, output, u64::MAX, bar.as_ref().map(|(_, p)| p.clone()))
                 .await?;
             if cli.json {
                 return print_json(&json!({ "id": id, "path": output, "size": size }));

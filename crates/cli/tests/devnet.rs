@@ -15,12 +15,26 @@ use vouch_ledger::{Transaction, TxBody};
 
 const NODES: usize = 4;
 const AMOUNT: u64 = 7;
+/// More than the dev account holds.
+const DEV_BALANCE_TOO_MUCH: u64 = 10_000_000_000_000;
 
 struct Devnet {
     child: Child,
     lines: mpsc::Receiver<String>,
     urls: Vec<String>,
     pids: Vec<i32>,
+}
+
+impl Drop for Devnet {
+    /// A failed test must not leave the devnet's processes running: SIGTERM stops them all.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn base_port() -> u16 {
@@ -61,6 +75,10 @@ fn start(dir: &std::path::Path) -> Devnet {
             "4",
             "--base-port",
             &base_port().to_string(),
+            // Two replicas besides the node a model is pushed to leave at least one node that
+            // holds none of it, to show a pull fetching from a replica.
+            "--replication",
+            "2",
             "--data-dir",
         ])
         .arg(dir)
@@ -112,6 +130,31 @@ async fn wait_for_balance(urls: &[String], who: &PublicKey, expected: u64) {
             assert!(Instant::now() < deadline, "{url} never showed balance {expected}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// The dev account as a CLI user (its own VOUCH_HOME holding `dev.key` as its key), at `url`.
+fn dev_user(dir: &std::path::Path, url: &str) -> common::User {
+    let home = dir.join("dev-home");
+    std::fs::create_dir_all(&home).expect("home");
+    if !home.join("key.pem").exists() {
+        std::fs::copy(dir.join("dev.key"), home.join("key.pem")).expect("key");
+    }
+    common::User::new(&home, url)
+}
+
+/// Waits until node `url`'s registry, which follows the ledger, shows `reference` as `id`.
+async fn wait_for_model(url: &str, reference: &str, id: &str) {
+    let client = Client::new(url).expect("client");
+    let reference: vouch_types::ModelRef = reference.parse().expect("reference");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Ok(view) = client.show_model(&reference).await {
+            assert_eq!(view.id.to_string(), id, "{url} resolves {reference} to another model");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} never listed {reference}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -200,10 +243,110 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
         .expect("account");
     assert_eq!(account["nonce"].as_u64(), Some(10));
 
+    // A model pushed through node 0 with its exact plan is published on the ledger, fetched
+    // and confirmed by the two replicas drawn for it, and listed by every node.
+    let dev_cli = dev_user(dir.path(), &devnet.urls[0]);
+    let model_file = common::fixture("digits_mlp_v1.onnx");
+    let pushed = dev_cli
+        .run(&[
+            "model",
+            "push",
+            model_file.to_str().expect("utf8"),
+            "--name",
+            "acme/digits",
+            "--version",
+            "1.0.0",
+            "--calibration",
+            common::data("digits_calibration.npz").to_str().expect("utf8"),
+            "--json",
+        ])
+        .ok()
+        .json();
+    let model_id = pushed["id"].as_str().expect("model id").to_string();
+    let file_blob = pushed["blob"].as_str().expect("file blob").to_string();
+    let client0 = Client::new(&devnet.urls[0]).expect("client");
+    let parsed_id: vouch_types::ModelId = model_id.parse().expect("model id");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let record = loop {
+        let record = client0.chain_model(&parsed_id).await.expect("published on the ledger");
+        if record["model"]["confirmed"].as_array().expect("confirmed").len() == 2 {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "the replicas never confirmed: {record}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let replicas: Vec<String> = record["model"]["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|key| key.as_str().expect("key").to_string())
+        .collect();
+    for url in &devnet.urls {
+        wait_for_model(url, "acme/digits@1.0.0", &model_id).await;
+    }
+    // The same name and version with other bytes is refused by the ledger's rules.
+    dev_cli
+        .run(&[
+            "model",
+            "push",
+            common::fixture("digits_mlp_v2.onnx").to_str().expect("utf8"),
+            "--name",
+            "acme/digits",
+            "--version",
+            "1.0.0",
+        ])
+        .failed_with("already published");
+
+    // A node that is neither a replica nor the one pushed to holds none of the model's bytes,
+    // and serves a pull by fetching them from a replica, verified.
+    let bystander = (1..NODES)
+        .find(|&i| !replicas.contains(&genesis.validators[i].public_key.to_string()))
+        .expect("a node that is not a replica");
+    let peer_probe = http
+        .get(format!("{}/v1/blobs/{file_blob}", devnet.urls[bystander]))
+        .header(vouch_client::PEER_FETCH_HEADER, "1")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(
+        peer_probe.status().as_u16(),
+        404,
+        "the bystander already held the model"
+    );
+    let pulled = dir.path().join("pulled.onnx");
+    dev_user(dir.path(), &devnet.urls[bystander])
+        .run(&[
+            "model",
+            "pull",
+            "acme/digits@1.0.0",
+            "-o",
+            pulled.to_str().expect("utf8"),
+        ])
+        .ok();
+    assert_eq!(
+        std::fs::read(&pulled).expect("pulled"),
+        std::fs::read(&model_file).expect("fixture"),
+        "the pull is byte-identical"
+    );
+
     // Node 3 is SIGKILLed; the other three keep finalizing.
     signal(devnet.pids[3], "-KILL");
     let before = height(&devnet.urls[0]).await.expect("height");
-    send_transfers(&devnet.urls[1], &dev, &chain_id, 10..20, &recipient).await;
+    let next_nonce = Client::new(&devnet.urls[1])
+        .expect("client")
+        .chain_account(&dev.public_key())
+        .await
+        .expect("account")["nonce"]
+        .as_u64()
+        .expect("nonce");
+    send_transfers(
+        &devnet.urls[1],
+        &dev,
+        &chain_id,
+        next_nonce..next_nonce + 10,
+        &recipient,
+    )
+    .await;
     wait_for_balance(&devnet.urls[..3], &recipient, 20 * AMOUNT).await;
     assert!(height(&devnet.urls[0]).await.expect("height") > before);
 
@@ -221,6 +364,9 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
     // Run again on the same directory: the same chain, with nothing lost.
     let mut resumed = start(dir.path());
     wait_for_balance(&resumed.urls, &recipient, 20 * AMOUNT).await;
+    for url in &resumed.urls {
+        wait_for_model(url, "acme/digits@1.0.0", &model_id).await;
+    }
     let status = Client::new(&resumed.urls[0])
         .expect("client")
         .chain_status()
@@ -231,6 +377,26 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
         status["height"].as_u64().expect("height") >= last_height,
         "the resumed chain went back"
     );
+
+    // The ledger commands of the CLI, signed with --key's account.
+    let cli = dev_user(dir.path(), &resumed.urls[1]);
+    let recipient_hex = recipient.to_string();
+    cli.run(&["transfer", &recipient_hex, "5", "--json"]).ok();
+    let shown = cli.run(&["account", &recipient_hex, "--json"]).ok().json();
+    assert_eq!(shown["balance"].as_u64(), Some(20 * AMOUNT + 5));
+    cli.run(&["transfer", &recipient_hex, &DEV_BALANCE_TOO_MUCH.to_string()])
+        .failed_with("insufficient funds");
+    cli.run(&["stake", "2000"]).failed_with("--address");
+    cli.run(&["stake", "2000", "--address", "127.0.0.1:9"]).ok();
+    let mine = cli.run(&["account", "--json"]).ok().json();
+    assert_eq!(mine["node"]["stake"].as_u64(), Some(2000));
+    assert_eq!(mine["node"]["address"].as_str(), Some("127.0.0.1:9"));
+    cli.run(&["stake", "500", "--unstake"]).ok();
+    let mine = cli.run(&["account", "--json"]).ok().json();
+    assert_eq!(mine["node"]["stake"].as_u64(), Some(1500));
+    let unknown_task = vouch_crypto::Digest::of("no such task", b"").to_string();
+    cli.run(&["task", "show", &unknown_task]).failed_with("no task");
+
     signal(resumed.child.id() as i32, "-TERM");
     assert!(resumed.child.wait().expect("devnet exits").success());
 }

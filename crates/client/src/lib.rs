@@ -68,6 +68,9 @@ fn file_error(path: &Path) -> impl FnOnce(io::Error) -> ClientError + '_ {
     }
 }
 
+/// The header that marks a request as one node fetching from another.
+pub const PEER_FETCH_HEADER: &str = "x-vouch-peer-fetch";
+
 /// A client of one node.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -80,8 +83,24 @@ pub struct Client {
 impl Client {
     /// A client of the node at `base_url` (`http://127.0.0.1:7070`).
     pub fn new(base_url: &str) -> Result<Self, ClientError> {
+        Self::build(base_url, reqwest::header::HeaderMap::new())
+    }
+
+    /// A client for a node fetching from a peer: its requests carry [`PEER_FETCH_HEADER`], so
+    /// the peer answers from what it holds and never fetches on its behalf (which could loop
+    /// between nodes that both lack a blob).
+    pub fn peer(base_url: &str) -> Result<Self, ClientError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(PEER_FETCH_HEADER, reqwest::header::HeaderValue::from_static("1"));
+        Self::build(base_url, headers)
+    }
+
+    fn build(base_url: &str, headers: reqwest::header::HeaderMap) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(Duration::from_secs(10))
+            // A node that stops sending mid-answer must not hang the caller forever.
+            .read_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| ClientError::Unreachable {
                 url: base_url.into(),
@@ -189,12 +208,14 @@ impl Client {
         Ok(info)
     }
 
-    /// Downloads blob `id` to `path`, verifying every chunk group against the id as it arrives.
-    /// The file appears under `path` only once all of it has verified.
+    /// Downloads blob `id` to `path`, verifying every chunk group against the id as it arrives;
+    /// refuses blobs over `max_bytes`. The file appears under `path` only once all of it has
+    /// verified.
     pub async fn get_blob_to_file(
         &self,
         id: &BlobId,
         path: &Path,
+        max_bytes: u64,
         progress: Option<Progress>,
     ) -> Result<u64, ClientError> {
         let partial = partial_path(path);
@@ -203,7 +224,7 @@ impl Client {
             .get_verified(
                 id,
                 Box::new(stream::FileSink::new(file).map_err(file_error(&partial))?),
-                u64::MAX,
+                max_bytes,
                 progress,
             )
             .await;
@@ -300,6 +321,20 @@ impl Client {
     /// `GET /v1/chain/accounts/{key}`: balance and nonce with a proof against the state root.
     pub async fn chain_account(&self, key: &vouch_crypto::PublicKey) -> Result<serde_json::Value, ClientError> {
         self.json(self.http.get(self.url(&format!("/v1/chain/accounts/{key}"))))
+            .await
+    }
+
+    /// `GET /v1/chain/tasks/{id}`: a quorum task with its receipts and a proof against the state
+    /// root.
+    pub async fn chain_task(&self, id: &vouch_crypto::Digest) -> Result<serde_json::Value, ClientError> {
+        self.json(self.http.get(self.url(&format!("/v1/chain/tasks/{id}"))))
+            .await
+    }
+
+    /// `GET /v1/chain/models/{id}`: a published model's ledger record (replicas assigned and
+    /// confirmed) and a proof against the state root.
+    pub async fn chain_model(&self, id: &vouch_types::ModelId) -> Result<serde_json::Value, ClientError> {
+        self.json(self.http.get(self.url(&format!("/v1/chain/models/{id}"))))
             .await
     }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use vouch_crypto::{Digest, PublicKey};
 use vouch_types::receipt::Receipt;
-use vouch_types::{ModelId, ModelName, VerifyLevel, Version};
+use vouch_types::{BlobId, ModelId, ModelName, VerifyLevel, Version};
 
 use crate::block::MAX_BLOCK_BYTES;
 use crate::genesis::{Genesis, Params};
@@ -12,7 +12,7 @@ use crate::merkle::{AuthMap, StateProof};
 use crate::state::{
     Account, MAX_REPLICAS, MAX_UNBONDING_ENTRIES, ModelRecord, NodeRecord, Record, TaskRecord, TaskStatus, Unbonding,
     account_key, assignment_key, assignments_prefix, deadline_key, host_key, hosts_prefix, model_key, name_key,
-    node_key, prefix, task_key, unbonding_key, version_key,
+    node_key, prefix, publication_key, replica_duties_prefix, replica_duty_key, task_key, unbonding_key, version_key,
 };
 use crate::tx::{MAX_ADDRESS_BYTES, MAX_MODELS_PER_NODE, MAX_QUORUM, SignedTransaction, TxBody};
 
@@ -383,6 +383,46 @@ impl Ledger {
             .collect()
     }
 
+    /// The models `node` was assigned to replicate and has not confirmed, in model-id order.
+    pub fn replica_duties(&self, node: &PublicKey) -> Result<Vec<ModelId>, TxError> {
+        let prefix = replica_duties_prefix(node);
+        self.state
+            .range(prefix.clone()..prefix_end(&prefix))
+            .map(|(key, _)| key_tail::<32>(key).map(|hash| ModelId(BlobId::from_hash(hash))))
+            .collect()
+    }
+
+    /// Up to `limit` models published after `cursor` (a `(height, model)` this returned
+    /// before; `None` starts at the first), in publication order: height, then model id.
+    pub fn published_after(
+        &self,
+        cursor: Option<(u64, ModelId)>,
+        limit: usize,
+    ) -> Result<Vec<(u64, ModelId)>, TxError> {
+        let start = match cursor {
+            // The smallest key after the cursor's own.
+            Some((height, model)) => {
+                let mut key = publication_key(height, &model);
+                key.push(0);
+                key
+            }
+            None => vec![prefix::PUBLICATION],
+        };
+        self.state
+            .range(start..prefix_end(&[prefix::PUBLICATION]))
+            .take(limit)
+            .map(|(key, _)| {
+                let height = key
+                    .get(1..9)
+                    .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| TxError::CorruptState(hex::encode(key)))?;
+                let hash = key_tail::<32>(key)?;
+                Ok((height, ModelId(BlobId::from_hash(hash))))
+            })
+            .collect()
+    }
+
     /// A proof of what `key` holds, against [`Ledger::root`].
     pub fn prove(&self, key: &[u8]) -> StateProof {
         self.state.prove(key)
@@ -402,9 +442,28 @@ impl Ledger {
         self.read(&node_key(who))
     }
 
+    /// Up to `limit` registered nodes, in key order.
+    pub fn nodes(&self, limit: usize) -> Result<Vec<(PublicKey, NodeRecord)>, TxError> {
+        let start = vec![prefix::NODE];
+        self.state
+            .range(start..prefix_end(&[prefix::NODE]))
+            .take(limit)
+            .map(|(key, value)| {
+                let node = PublicKey::from_bytes(key_tail::<32>(key)?);
+                let record = NodeRecord::from_bytes(value).map_err(|_| TxError::CorruptState(hex::encode(key)))?;
+                Ok((node, record))
+            })
+            .collect()
+    }
+
     /// A published model.
     pub fn model(&self, id: &ModelId) -> Result<Option<ModelRecord>, TxError> {
         self.read(&model_key(id))
+    }
+
+    /// The key that owns `name` (the first to publish it).
+    pub fn name_owner(&self, name: &ModelName) -> Result<Option<PublicKey>, TxError> {
+        self.read(&name_key(name))
     }
 
     /// The model published as `name@version`.
@@ -807,6 +866,10 @@ fn publish_model(
         replicas: draw(&candidates, count, &ctx.seed, model_id.0.hash()),
         confirmed: Vec::new(),
     };
+    for replica in &record.replicas {
+        pending.put_marker(replica_duty_key(replica, model_id));
+    }
+    pending.put_marker(publication_key(ctx.height, model_id));
     pending.put(name_key(name), &signer);
     pending.put(version_key(name, version), model_id);
     pending.put(model_key(model_id), &record);
@@ -837,6 +900,7 @@ fn confirm_replica(pending: &mut Pending<'_>, signer: PublicKey, model_id: &Mode
         node.models.push(*model_id);
     }
     model.confirmed.push(signer);
+    pending.delete(replica_duty_key(&signer, model_id));
     pending.put(node_key(&signer), &node);
     pending.put(model_key(model_id), &model);
     pending.put_marker(host_key(model_id, &signer));

@@ -38,6 +38,12 @@ pub mod prefix {
     pub const UNBONDING: u8 = b'u';
     /// `x` + executor public key + task id → empty: the executor owes the open task a receipt.
     pub const ASSIGNMENT: u8 = b'x';
+    /// `r` + node public key + model id → empty: the node is an assigned replica of the model
+    /// and has not confirmed it yet.
+    pub const REPLICA_DUTY: u8 = b'r';
+    /// `o` + height (8 bytes, big-endian) + model id → empty: the model was published in that
+    /// block (publication order, for nodes that follow the registry).
+    pub const PUBLICATION: u8 = b'o';
 }
 
 fn key_of(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -100,6 +106,21 @@ pub fn assignment_key(executor: &PublicKey, task: &Digest) -> Vec<u8> {
 /// The prefix of every assignment `executor` holds.
 pub fn assignments_prefix(executor: &PublicKey) -> Vec<u8> {
     key_of(prefix::ASSIGNMENT, &[executor.as_bytes()])
+}
+
+/// The key recording that `node` must still confirm its replica of `model`.
+pub fn replica_duty_key(node: &PublicKey, model: &ModelId) -> Vec<u8> {
+    key_of(prefix::REPLICA_DUTY, &[node.as_bytes(), model.0.hash()])
+}
+
+/// The prefix of every replica `node` must still confirm.
+pub fn replica_duties_prefix(node: &PublicKey) -> Vec<u8> {
+    key_of(prefix::REPLICA_DUTY, &[node.as_bytes()])
+}
+
+/// The key recording that `model` was published at `height`.
+pub fn publication_key(height: u64, model: &ModelId) -> Vec<u8> {
+    key_of(prefix::PUBLICATION, &[&height.to_be_bytes(), model.0.hash()])
 }
 
 /// Encodes and decodes a record as the value stored under its key.

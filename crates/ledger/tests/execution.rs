@@ -355,6 +355,33 @@ fn names_belong_to_their_first_publisher_and_versions_never_change() {
     let record = chain.ledger.model(&v1).expect("model").expect("published");
     assert_eq!(record.replicas.len(), 3, "three replicas drawn among six staked nodes");
     assert!(record.confirmed.is_empty());
+    for replica in &record.replicas {
+        assert!(chain.ledger.replica_duties(replica).expect("duties").contains(&v1));
+    }
+    let v2 = ModelId(BlobId::of(b"v2"));
+    let published = chain.ledger.published_after(None, 10).expect("publications");
+    assert_eq!(
+        published.iter().map(|(_, id)| *id).collect::<Vec<_>>(),
+        vec![v1, v2],
+        "publication order"
+    );
+    assert!(published[0].0 < published[1].0, "heights rise");
+    assert_eq!(
+        chain.ledger.published_after(None, 1).expect("first"),
+        published[..1],
+        "the limit holds"
+    );
+    assert_eq!(
+        chain.ledger.published_after(Some(published[0]), 10).expect("after v1"),
+        published[1..]
+    );
+    assert!(
+        chain
+            .ledger
+            .published_after(Some(published[1]), 10)
+            .expect("none")
+            .is_empty()
+    );
 
     // Only an assigned replica may confirm, once; it then hosts the model.
     let outsider = (0..VALIDATORS)
@@ -369,6 +396,14 @@ fn names_belong_to_their_first_publisher_and_versions_never_change() {
     chain
         .submit(&replica, TxBody::ConfirmReplica { model_id: v1 })
         .expect("confirms");
+    assert!(
+        !chain
+            .ledger
+            .replica_duties(&replica.public_key())
+            .expect("duties")
+            .contains(&v1),
+        "a confirmed replica owes nothing more"
+    );
     assert!(matches!(
         chain.submit(&replica, TxBody::ConfirmReplica { model_id: v1 }),
         Err(TxError::Invalid(_))

@@ -22,7 +22,7 @@ use vouch_types::{BlobId, Manifest, ModelFormat, ModelName, ModelRef};
 use crate::NodeLimits;
 use crate::error::ApiError;
 use crate::metrics::{HttpLabels, Metrics};
-use crate::registry::{PublishOutcome, Published, Registry};
+use crate::registry::{PublishOutcome, Published, Registry, RegistryError};
 use crate::streaming::stream_body;
 
 /// What every handler shares.
@@ -37,6 +37,8 @@ pub(crate) struct AppState {
     pub inference: Arc<crate::infer::Inference>,
     /// The validator, when the node takes part in a network.
     pub chain: Option<crate::chain::validator::Validator>,
+    /// Fetches models from peers, when the node takes part in a network.
+    pub replicator: Option<Arc<crate::replication::Replicator>>,
 }
 
 /// Builds the router.
@@ -59,6 +61,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/chain/transactions", post(crate::chain_api::submit))
         .route("/v1/chain/accounts/{key}", get(crate::chain_api::account))
         .route("/v1/chain/tasks/{id}", get(crate::chain_api::task))
+        .route("/v1/chain/models/{id}", get(crate::chain_api::model))
         .layer(middleware::from_fn_with_state(request_timeout, deadline));
     transfers
         .merge(queries)
@@ -221,7 +224,22 @@ fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<Range<u64>>, ()>
     }
 }
 
-async fn blob_size(state: &AppState, id: BlobId) -> Result<u64, ApiError> {
+/// The size of blob `id`. On a network node that lacks it, a request from a client (not from a
+/// peer, see [`vouch_client::PEER_FETCH_HEADER`]) first fetches it from the replicas of the model
+/// that lists it.
+async fn blob_size(state: &AppState, id: BlobId, headers: &HeaderMap) -> Result<u64, ApiError> {
+    if let Some(replicator) = &state.replicator
+        && !headers.contains_key(vouch_client::PEER_FETCH_HEADER)
+    {
+        let store = state.store.clone();
+        let held = tokio::task::spawn_blocking(move || store.size(&id)).await??;
+        if held.is_none() {
+            match replicator.fetch_for_pull(&id).await {
+                Ok(_) => {}
+                Err(error) => tracing::warn!(blob = %id, %error, "cannot fetch a blob from the replicas"),
+            }
+        }
+    }
     let store = state.store.clone();
     let (size, quarantined) = tokio::task::spawn_blocking(move || {
         Ok::<_, vouch_store::StoreError>((store.size(&id)?, store.is_quarantined(&id)?))
@@ -247,7 +265,7 @@ async fn get_blob(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_blob_id(&id)?;
-    let size = blob_size(&state, id).await?;
+    let size = blob_size(&state, id, &headers).await?;
     let range = parse_range(&headers, size).map_err(|()| {
         ApiError::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
@@ -314,9 +332,10 @@ async fn get_verified(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<VerifiedQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_blob_id(&id)?;
-    let size = blob_size(&state, id).await?;
+    let size = blob_size(&state, id, &headers).await?;
     let range = match (query.start, query.end) {
         (None, None) => None,
         (start, end) => {
@@ -381,13 +400,16 @@ async fn publish_model(State(state): State<AppState>, body: Body) -> Result<Resp
     let manifest = Manifest::decode(&bytes, &state.limits.manifest)?;
     let task_state = state.clone();
     let (outcome, id) = tokio::task::spawn_blocking(move || publish(&task_state, &manifest, &bytes)).await??;
-    if outcome == PublishOutcome::Created {
-        state.metrics.models_published.inc();
-        tracing::info!(model = %id, "published");
-    }
-    let created = outcome == PublishOutcome::Created;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(PublishInfo { id, created })).into_response())
+    let (status, created, staged) = match outcome {
+        PublishOutcome::Created => {
+            state.metrics.models_published.inc();
+            tracing::info!(model = %id, "published");
+            (StatusCode::CREATED, true, false)
+        }
+        PublishOutcome::AlreadyPublished => (StatusCode::OK, false, false),
+        PublishOutcome::Staged => (StatusCode::ACCEPTED, false, true),
+    };
+    Ok((status, Json(PublishInfo { id, created, staged })).into_response())
 }
 
 /// Checks a decoded manifest against the stored files, stores its bytes, and registers it.
@@ -474,6 +496,39 @@ fn publish(
     if stored.created {
         state.metrics.blobs_stored.inc();
         state.metrics.blob_bytes_received.inc_by(stored.size);
+    }
+    if let Some(validator) = &state.chain {
+        // On a network the ledger is the registry: the local one follows finalized
+        // publications (see `replication`), so a manifest waits for its transaction. What
+        // the ledger would refuse is refused now, with the hub's errors.
+        let id = vouch_types::ModelId(stored.id);
+        let ledger = validator.app().finalized_ledger();
+        let body = &manifest.body;
+        let ledger_error = |error: vouch_ledger::TxError| ApiError::internal(error.to_string());
+        if let Some(existing) = ledger.resolve(&body.name, &body.version).map_err(ledger_error)?
+            && existing != id
+        {
+            return Err(RegistryError::VersionExists {
+                name: body.name.clone(),
+                version: body.version.clone(),
+                existing,
+            }
+            .into());
+        }
+        if let Some(owner) = ledger.name_owner(&body.name).map_err(ledger_error)?
+            && owner != body.publisher
+        {
+            return Err(RegistryError::NameOwned {
+                name: body.name.clone(),
+                owner,
+            }
+            .into());
+        }
+        let outcome = match state.registry.resolve(&ModelRef::Id(id))? {
+            Some(_) => PublishOutcome::AlreadyPublished,
+            None => PublishOutcome::Staged,
+        };
+        return Ok((outcome, id));
     }
     let outcome = state.registry.publish(manifest)?;
     Ok((outcome, vouch_types::ModelId(stored.id)))

@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use vouch_crypto::{Digest, PublicKey};
-use vouch_ledger::state::{account_key, task_key};
+use vouch_ledger::state::{account_key, model_key, node_key, task_key};
 use vouch_ledger::tx::MAX_TX_BYTES;
 use vouch_ledger::{SignedTransaction, TxError};
 
@@ -41,6 +41,7 @@ pub(crate) async fn status(State(state): State<AppState>) -> Result<Json<Value>,
         "block": digest,
         "state_root": ledger.root(),
         "mempool": app.mempool_len(),
+        "min_fee": ledger.params().min_fee,
     })))
 }
 
@@ -69,7 +70,8 @@ pub(crate) async fn submit(State(state): State<AppState>, body: Body) -> Result<
     }
 }
 
-/// `GET /v1/chain/accounts/{public_key}`: balance and nonce, proven against the state root.
+/// `GET /v1/chain/accounts/{public_key}`: balance and nonce, and the node registration if any,
+/// each proven against the state root.
 pub(crate) async fn account(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Value>, ApiError> {
     let app = validator(&state)?.app();
     let key: PublicKey = key
@@ -78,13 +80,16 @@ pub(crate) async fn account(State(state): State<AppState>, Path(key): Path<Strin
     let (height, _) = app.finalized_tip();
     let ledger = app.finalized_ledger();
     let account = ledger.account(&key).map_err(ledger_error)?;
+    let node = ledger.node(&key).map_err(ledger_error)?;
     Ok(Json(json!({
         "public_key": key,
         "balance": account.balance,
         "nonce": account.nonce,
+        "node": node,
         "height": height,
         "state_root": ledger.root(),
         "proof": ledger.prove(&account_key(&key)),
+        "node_proof": ledger.prove(&node_key(&key)),
     })))
 }
 
@@ -106,5 +111,30 @@ pub(crate) async fn task(State(state): State<AppState>, Path(id): Path<String>) 
         "height": height,
         "state_root": ledger.root(),
         "proof": ledger.prove(&task_key(&id)),
+    })))
+}
+
+/// `GET /v1/chain/models/{id}`: a published model's record (name, version, publisher, replicas
+/// assigned and confirmed), proven against the state root.
+pub(crate) async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let app = validator(&state)?.app();
+    let id: vouch_types::ModelId = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_model_id", format!("{id:?} is not a model id")))?;
+    let (height, _) = app.finalized_tip();
+    let ledger = app.finalized_ledger();
+    let model = ledger.model(&id).map_err(ledger_error)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_model",
+            format!("the ledger has not published model {id}"),
+        )
+    })?;
+    Ok(Json(json!({
+        "id": id,
+        "model": model,
+        "height": height,
+        "state_root": ledger.root(),
+        "proof": ledger.prove(&model_key(&id)),
     })))
 }

@@ -7,6 +7,7 @@ mod error;
 mod infer;
 mod metrics;
 pub mod registry;
+mod replication;
 mod streaming;
 
 use std::net::SocketAddr;
@@ -214,9 +215,32 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         }
         None => None,
     };
+    let registry = Arc::new(registry);
+    let replicator = match &chain {
+        Some(running) => {
+            let replicator = replication::Replicator::new(
+                store.clone(),
+                registry.clone(),
+                running.validator().clone(),
+                node_key,
+                config.data_dir.join("replication"),
+                config.limits.manifest.clone(),
+                config.limits.max_upload_bytes,
+            )
+            .map_err(|source| NodeError::DataDir {
+                path: config.data_dir.join("replication").display().to_string(),
+                source,
+            })?;
+            let replicator = Arc::new(replicator);
+            tokio::spawn(replication::follow(replicator.clone()));
+            Some(replicator)
+        }
+        None => None,
+    };
     let state = api::AppState {
         store,
-        registry: Arc::new(registry),
+        registry,
+        replicator,
         metrics: Arc::new(Metrics::new()),
         upload_slots: Arc::new(Semaphore::new(config.limits.max_concurrent_uploads)),
         download_slots: Arc::new(Semaphore::new(config.limits.max_concurrent_downloads)),

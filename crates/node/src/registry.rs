@@ -18,6 +18,9 @@ const MANIFESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("manifests
 const SEQ_BY_MODEL: TableDefinition<&[u8], u64> = TableDefinition::new("seq_by_model");
 /// publication sequence number → model id.
 const MODEL_BY_SEQ: TableDefinition<u64, &[u8]> = TableDefinition::new("model_by_seq");
+/// blob id → the first model published that lists it (a file or a plan): where a node that
+/// lacks the blob can ask for it.
+const MODEL_BY_BLOB: TableDefinition<&[u8], &[u8]> = TableDefinition::new("model_by_blob");
 
 /// Errors from the registry.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,9 @@ pub enum PublishOutcome {
     Created,
     /// The identical manifest was already published.
     AlreadyPublished,
+    /// Checked and stored, waiting for the ledger to publish it (network nodes only; the
+    /// registry itself never answers this).
+    Staged,
 }
 
 /// The registry database.
@@ -107,6 +113,7 @@ impl Registry {
         txn.open_table(MANIFESTS)?;
         txn.open_table(SEQ_BY_MODEL)?;
         txn.open_table(MODEL_BY_SEQ)?;
+        txn.open_table(MODEL_BY_BLOB)?;
         txn.commit()?;
         Ok(Self { db, limits })
     }
@@ -155,6 +162,13 @@ impl Registry {
             txn.open_table(SEQ_BY_MODEL)?.insert(id.0.hash().as_slice(), seq)?;
             txn.open_table(MANIFESTS)?
                 .insert(id.0.hash().as_slice(), manifest.encode().as_slice())?;
+            let mut by_blob = txn.open_table(MODEL_BY_BLOB)?;
+            let files = body.files.iter().map(|file| file.blob);
+            for blob in files.chain(body.plans.iter().map(|plan| plan.id)) {
+                if by_blob.get(blob.hash().as_slice())?.is_none() {
+                    by_blob.insert(blob.hash().as_slice(), id.0.hash().as_slice())?;
+                }
+            }
         }
         txn.commit()?;
         Ok(PublishOutcome::Created)
@@ -214,6 +228,16 @@ impl Registry {
             }
         }
         Ok(out)
+    }
+
+    /// A published model that lists `blob` among its files or plans, if any.
+    pub fn model_holding(&self, blob: &BlobId) -> Result<Option<ModelId>, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let by_blob = txn.open_table(MODEL_BY_BLOB)?;
+        by_blob
+            .get(blob.hash().as_slice())?
+            .map(|id| model_id(id.value()))
+            .transpose()
     }
 
     fn load(&self, txn: &redb::ReadTransaction, id: ModelId) -> Result<Option<Published>, RegistryError> {

@@ -54,6 +54,10 @@ pub struct PublishInfo {
     pub id: ModelId,
     /// Whether this request published it (false: the identical manifest was already published).
     pub created: bool,
+    /// On a network node: the node checked and holds the manifest, but the model is published
+    /// only once a `publish_model` transaction signed by its publisher is finalized.
+    #[serde(default)]
+    pub staged: bool,
 }
 
 /// `GET /healthz`.

@@ -18,6 +18,7 @@ use vouch_verify::{decode_plan, name_inputs, run_exact, tensors_hash};
 
 use super::validator::Validator;
 use crate::infer::ModelCache;
+use crate::replication::holds_model;
 
 /// How many prepared plans an executor keeps.
 const PLAN_CACHE_ENTRIES: usize = 8;
@@ -172,6 +173,8 @@ struct Progress {
     failed: HashSet<Digest>,
     /// Tasks whose receipt transaction is submitted.
     submitted: HashSet<Digest>,
+    /// Models whose replica confirmation is submitted.
+    confirmations: HashSet<ModelId>,
     /// The nonce of the next receipt transaction.
     next_nonce: u64,
     /// The account's nonce, and the height at which it last moved.
@@ -255,6 +258,7 @@ async fn step<E: Spawner + Supervisor>(
         // A submitted receipt was refused or lost, so later nonces cannot apply: start again
         // from the account's nonce with what is still owed.
         progress.submitted.clear();
+        progress.confirmations.clear();
         progress.next_nonce = account_nonce;
         progress.progress_height = height;
     }
@@ -283,6 +287,42 @@ async fn step<E: Spawner + Supervisor>(
             }
             Err(error) => {
                 warn!(task = %id, %error, "receipt not admitted");
+                return Ok(());
+            }
+        }
+    }
+
+    // A replica confirms a model once the node's store holds all of it (the replication
+    // follower fetches the blobs).
+    let duties = ledger.replica_duties(&me)?;
+    progress.confirmations.retain(|model| duties.contains(model));
+    for model in duties {
+        if progress.confirmations.contains(&model) {
+            continue;
+        }
+        match holds_model(config.store.as_ref(), &model, &ManifestLimits::default()) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) => {
+                debug!(%model, %error, "replica not ready to confirm");
+                continue;
+            }
+        }
+        let tx = Transaction {
+            signer: me,
+            nonce: progress.next_nonce,
+            fee,
+            body: TxBody::ConfirmReplica { model_id: model },
+        }
+        .sign(&config.key, ledger.chain_id());
+        match validator.submit(tx) {
+            Ok(tx_id) => {
+                info!(%model, tx = %tx_id, "replica confirmation submitted");
+                progress.confirmations.insert(model);
+                progress.next_nonce += 1;
+            }
+            Err(error) => {
+                warn!(%model, %error, "replica confirmation not admitted");
                 break;
             }
         }
