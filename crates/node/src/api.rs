@@ -234,6 +234,8 @@ async fn blob_size(state: &AppState, id: BlobId, headers: &HeaderMap) -> Result<
         let store = state.store.clone();
         let held = tokio::task::spawn_blocking(move || store.size(&id)).await??;
         if held.is_none() {
+            // A fetch is a download from a peer: it takes a download slot while it runs.
+            let _slot = acquire_download(state)?;
             match replicator.fetch_for_pull(&id).await {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(blob = %id, %error, "cannot fetch a blob from the replicas"),

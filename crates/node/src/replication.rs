@@ -249,18 +249,24 @@ impl Replicator {
                 ),
             });
         }
-        if record.replicas.contains(&self.me) && !record.confirmed.contains(&self.me) {
-            let files = body.files.iter().map(|file| file.blob);
-            for blob in files.chain(body.plans.iter().map(|plan| plan.id)) {
-                self.fetch(&blob, &sources).await?;
-            }
-        }
+        // Listed first, so the model shows on this node even while its blobs are on the way.
+        let blobs: Vec<BlobId> = body
+            .files
+            .iter()
+            .map(|file| file.blob)
+            .chain(body.plans.iter().map(|plan| plan.id))
+            .collect();
         let registry = self.registry.clone();
         let outcome = tokio::task::spawn_blocking(move || registry.publish(&manifest))
             .await
             .map_err(std::io::Error::other)??;
         if outcome == PublishOutcome::Created {
             info!(%model, name = %record.name, version = %record.version, "model published on the ledger");
+        }
+        if record.replicas.contains(&self.me) && !record.confirmed.contains(&self.me) {
+            for blob in &blobs {
+                self.fetch(blob, &sources).await?;
+            }
         }
         Ok(())
     }
