@@ -284,6 +284,24 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
     for url in &devnet.urls {
         wait_for_model(url, "acme/digits@1.0.0", &model_id).await;
     }
+    // Pushing the same model again changes nothing.
+    let again = dev_cli
+        .run(&[
+            "model",
+            "push",
+            model_file.to_str().expect("utf8"),
+            "--name",
+            "acme/digits",
+            "--version",
+            "1.0.0",
+            "--calibration",
+            common::data("digits_calibration.npz").to_str().expect("utf8"),
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(again["id"].as_str(), Some(model_id.as_str()));
+    assert_eq!(again["created"].as_bool(), Some(false));
     // The same name and version with other bytes is refused by the ledger's rules.
     dev_cli
         .run(&[

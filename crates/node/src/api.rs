@@ -526,9 +526,12 @@ fn publish(
             }
             .into());
         }
-        let outcome = match state.registry.resolve(&ModelRef::Id(id))? {
-            Some(_) => PublishOutcome::AlreadyPublished,
-            None => PublishOutcome::Staged,
+        // Published already when the ledger has it, even before this registry follows.
+        let published = ledger.model(&id).map_err(ledger_error)?.is_some();
+        let outcome = if published {
+            PublishOutcome::AlreadyPublished
+        } else {
+            PublishOutcome::Staged
         };
         return Ok((outcome, id));
     }
