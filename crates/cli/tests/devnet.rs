@@ -247,21 +247,25 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
     // and confirmed by the two replicas drawn for it, and listed by every node.
     let dev_cli = dev_user(dir.path(), &devnet.urls[0]);
     let model_file = common::fixture("digits_mlp_v1.onnx");
-    let pushed = dev_cli
-        .run(&[
-            "model",
-            "push",
-            model_file.to_str().expect("utf8"),
-            "--name",
-            "acme/digits",
-            "--version",
-            "1.0.0",
-            "--calibration",
-            common::data("digits_calibration.npz").to_str().expect("utf8"),
-            "--json",
-        ])
-        .ok()
-        .json();
+    let calibration = common::data("digits_calibration.npz");
+    let push_v1 = || {
+        dev_cli
+            .run(&[
+                "model",
+                "push",
+                model_file.to_str().expect("utf8"),
+                "--name",
+                "acme/digits",
+                "--version",
+                "1.0.0",
+                "--calibration",
+                calibration.to_str().expect("utf8"),
+                "--json",
+            ])
+            .ok()
+            .json()
+    };
+    let pushed = push_v1();
     let model_id = pushed["id"].as_str().expect("model id").to_string();
     let file_blob = pushed["blob"].as_str().expect("file blob").to_string();
     let client0 = Client::new(&devnet.urls[0]).expect("client");
@@ -285,21 +289,7 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
         wait_for_model(url, "acme/digits@1.0.0", &model_id).await;
     }
     // Pushing the same model again changes nothing.
-    let again = dev_cli
-        .run(&[
-            "model",
-            "push",
-            model_file.to_str().expect("utf8"),
-            "--name",
-            "acme/digits",
-            "--version",
-            "1.0.0",
-            "--calibration",
-            common::data("digits_calibration.npz").to_str().expect("utf8"),
-            "--json",
-        ])
-        .ok()
-        .json();
+    let again = push_v1();
     assert_eq!(again["id"].as_str(), Some(model_id.as_str()));
     assert_eq!(again["created"].as_bool(), Some(false));
     // The same name and version with other bytes is refused by the ledger's rules.
