@@ -104,12 +104,7 @@ pub(crate) struct StakeArgs {
 }
 
 /// Prints an account (with its node registration, if any).
-pub(crate) async fn account(client: &Client, key: Option<&SecretKey>, args: &AccountArgs, json: bool) -> Result<()> {
-    let who = match (&args.public_key, key) {
-        (Some(who), _) => *who,
-        (None, Some(key)) => key.public_key(),
-        (None, None) => bail!("name an account or pass --key"),
-    };
+pub(crate) async fn account(client: &Client, who: PublicKey, json: bool) -> Result<()> {
     let account = client.chain_account(&who).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&account)?);

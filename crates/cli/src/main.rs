@@ -249,11 +249,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Infer(args) => receipts::infer(&cli.node, cli.json, args).await,
         Command::Verify(args) => receipts::verify(&cli.node, cli.json, args).await,
         Command::Account(args) => {
-            let key = match &args.public_key {
-                Some(_) => None,
-                None => Some(load_key(&cli)?),
+            let who = match args.public_key {
+                Some(who) => who,
+                None => load_key(&cli)?.public_key(),
             };
-            chain::account(&Client::new(&cli.node)?, key.as_ref(), args, cli.json).await
+            chain::account(&Client::new(&cli.node)?, who, cli.json).await
         }
         Command::Transfer(args) => {
             let body = vouch_ledger::TxBody::Transfer {

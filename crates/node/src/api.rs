@@ -20,6 +20,7 @@ use vouch_types::api::{BlobInfo, Health, ModelView, PublishInfo};
 use vouch_types::{BlobId, Manifest, ModelFormat, ModelName, ModelRef};
 
 use crate::NodeLimits;
+use crate::chain_api::ledger_error;
 use crate::error::ApiError;
 use crate::metrics::{HttpLabels, Metrics};
 use crate::registry::{PublishOutcome, Published, Registry, RegistryError};
@@ -228,25 +229,19 @@ fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<Range<u64>>, ()>
 /// peer, see [`vouch_client::PEER_FETCH_HEADER`]) first fetches it from the replicas of the model
 /// that lists it.
 async fn blob_size(state: &AppState, id: BlobId, headers: &HeaderMap) -> Result<u64, ApiError> {
-    if let Some(replicator) = &state.replicator
+    let (mut size, mut quarantined) = stat_blob(state, id).await?;
+    if size.is_none()
+        && let Some(replicator) = &state.replicator
         && !headers.contains_key(vouch_client::PEER_FETCH_HEADER)
     {
-        let store = state.store.clone();
-        let held = tokio::task::spawn_blocking(move || store.size(&id)).await??;
-        if held.is_none() {
-            // A fetch is a download from a peer: it takes a download slot while it runs.
-            let _slot = acquire_download(state)?;
-            match replicator.fetch_for_pull(&id).await {
-                Ok(_) => {}
-                Err(error) => tracing::warn!(blob = %id, %error, "cannot fetch a blob from the replicas"),
-            }
+        // A fetch is a download from a peer: it takes a download slot while it runs. Storing
+        // the fetched bytes also restores a copy that was put aside as corrupt.
+        let _slot = acquire_download(state)?;
+        if let Err(error) = replicator.fetch_for_pull(&id).await {
+            tracing::warn!(blob = %id, %error, "cannot fetch a blob from the replicas");
         }
+        (size, quarantined) = stat_blob(state, id).await?;
     }
-    let store = state.store.clone();
-    let (size, quarantined) = tokio::task::spawn_blocking(move || {
-        Ok::<_, vouch_store::StoreError>((store.size(&id)?, store.is_quarantined(&id)?))
-    })
-    .await??;
     match size {
         Some(size) => Ok(size),
         None if quarantined => Err(ApiError::new(
@@ -256,6 +251,15 @@ async fn blob_size(state: &AppState, id: BlobId, headers: &HeaderMap) -> Result<
         )),
         None => Err(vouch_store::StoreError::NotFound(id).into()),
     }
+}
+
+/// The blob's size if the store holds it, and whether it was put aside as corrupt.
+async fn stat_blob(state: &AppState, id: BlobId) -> Result<(Option<u64>, bool), ApiError> {
+    let store = state.store.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        Ok::<_, vouch_store::StoreError>((store.size(&id)?, store.is_quarantined(&id)?))
+    })
+    .await??)
 }
 
 /// `GET|HEAD /v1/blobs/{id}`: raw bytes, with single-range requests; every chunk group is
@@ -506,7 +510,6 @@ fn publish(
         let id = vouch_types::ModelId(stored.id);
         let ledger = validator.app().finalized_ledger();
         let body = &manifest.body;
-        let ledger_error = |error: vouch_ledger::TxError| ApiError::internal(error.to_string());
         if let Some(existing) = ledger.resolve(&body.name, &body.version).map_err(ledger_error)?
             && existing != id
         {

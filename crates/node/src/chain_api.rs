@@ -26,7 +26,7 @@ fn validator(state: &AppState) -> Result<&Validator, ApiError> {
     })
 }
 
-fn ledger_error(error: TxError) -> ApiError {
+pub(crate) fn ledger_error(error: TxError) -> ApiError {
     ApiError::internal(error.to_string())
 }
 
