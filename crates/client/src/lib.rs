@@ -331,6 +331,40 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/chain/tasks/{id}/proof`: the task record, the finalized block whose state holds
+    /// it with that block's finalization certificate, and the Merkle proof (vouch-node's
+    /// `TaskProof`, which the caller checks against the validators it trusts).
+    pub async fn chain_task_proof(&self, id: &vouch_crypto::Digest) -> Result<serde_json::Value, ClientError> {
+        self.json(self.http.get(self.url(&format!("/v1/chain/tasks/{id}/proof"))))
+            .await
+    }
+
+    /// `GET /v1/chain/tasks/{id}/output`: the blob holding a quorum task's outputs (an `.npz`),
+    /// which the caller checks against the output hash the executors agreed on.
+    pub async fn chain_task_output(&self, id: &vouch_crypto::Digest) -> Result<BlobId, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct TaskOutput {
+            outputs: BlobId,
+        }
+        let answer: TaskOutput = self
+            .json(self.http.get(self.url(&format!("/v1/chain/tasks/{id}/output"))))
+            .await?;
+        Ok(answer.outputs)
+    }
+
+    /// `GET /v1/chain/genesis`: the chain's genesis JSON as the node serves it; its hash is the
+    /// chain id, which the caller checks.
+    pub async fn chain_genesis(&self) -> Result<String, ClientError> {
+        let response = self
+            .send(
+                self.http
+                    .get(self.url("/v1/chain/genesis"))
+                    .timeout(self.request_timeout),
+            )
+            .await?;
+        response.text().await.map_err(|e| self.unreachable(e))
+    }
+
     /// `GET /v1/chain/models/{id}`: a published model's ledger record (replicas assigned and
     /// confirmed) and a proof against the state root.
     pub async fn chain_model(&self, id: &vouch_types::ModelId) -> Result<serde_json::Value, ClientError> {

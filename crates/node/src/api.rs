@@ -61,7 +61,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/chain/status", get(crate::chain_api::status))
         .route("/v1/chain/transactions", post(crate::chain_api::submit))
         .route("/v1/chain/accounts/{key}", get(crate::chain_api::account))
+        .route("/v1/chain/genesis", get(crate::chain_api::genesis))
         .route("/v1/chain/tasks/{id}", get(crate::chain_api::task))
+        .route("/v1/chain/tasks/{id}/proof", get(crate::chain_api::task_proof))
+        .route("/v1/chain/tasks/{id}/output", get(crate::chain_api::task_output))
         .route("/v1/chain/models/{id}", get(crate::chain_api::model))
         .layer(middleware::from_fn_with_state(request_timeout, deadline));
     transfers

@@ -4,15 +4,20 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 use vouch_crypto::{Digest, PublicKey};
 use vouch_ledger::state::{account_key, model_key, node_key, task_key};
 use vouch_ledger::tx::MAX_TX_BYTES;
 use vouch_ledger::{SignedTransaction, TxError};
 
+use std::time::Duration;
+
+use futures::StreamExt;
+
 use crate::api::{AppState, read_limited};
 use crate::chain::app::SubmitError;
+use crate::chain::finality::TaskProof;
 use crate::chain::validator::Validator;
 use crate::error::ApiError;
 
@@ -96,15 +101,12 @@ pub(crate) async fn account(State(state): State<AppState>, Path(key): Path<Strin
 /// `GET /v1/chain/tasks/{id}`: a quorum task with its receipts, proven against the state root.
 pub(crate) async fn task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let app = validator(&state)?.app();
-    let id: Digest = id
-        .parse()
-        .map_err(|_| ApiError::bad_request("invalid_task_id", format!("{id:?} is not a task id")))?;
-    let (height, _) = app.finalized_tip();
-    let ledger = app.finalized_ledger();
+    let id = parse_task_id(&id)?;
+    let (height, _, ledger) = app.finalized_snapshot();
     let task = ledger
         .task(&id)
         .map_err(ledger_error)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_task", format!("no task {id}")))?;
+        .ok_or_else(|| unknown_task(&id))?;
     Ok(Json(json!({
         "id": id,
         "task": task,
@@ -112,6 +114,111 @@ pub(crate) async fn task(State(state): State<AppState>, Path(id): Path<String>) 
         "state_root": ledger.root(),
         "proof": ledger.prove(&task_key(&id)),
     })))
+}
+
+/// How long a proof request waits for a finalized block with a certificate of its own.
+const PROOF_WAIT_MS: u64 = 5_000;
+
+fn parse_task_id(id: &str) -> Result<Digest, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::bad_request("invalid_task_id", format!("{id:?} is not a task id")))
+}
+
+fn unknown_task(id: &Digest) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "unknown_task", format!("no task {id}"))
+}
+
+/// `GET /v1/chain/tasks/{id}/proof`: the task as a [`TaskProof`]: its record, the finalized
+/// block whose state holds it with that block's finalization certificate, and the Merkle proof.
+/// A client checks it against the genesis validators without trusting this node.
+pub(crate) async fn task_proof(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let validator = validator(&state)?;
+    let id = parse_task_id(&id)?;
+    let app = validator.app();
+    let mut finalized = app.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(PROOF_WAIT_MS);
+    loop {
+        let (ledger, finality) = validator.finalized_with_proof().await;
+        let task = ledger
+            .task(&id)
+            .map_err(ledger_error)?
+            .ok_or_else(|| unknown_task(&id))?;
+        if let Some(finality) = finality {
+            let proof = TaskProof {
+                chain_id: *ledger.chain_id(),
+                task_id: id,
+                task,
+                finality,
+                state_proof: ledger.prove(&task_key(&id)),
+            };
+            return serde_json::to_value(proof)
+                .map(Json)
+                .map_err(|error| ApiError::internal(error.to_string()));
+        }
+        // This block was finalized as the ancestor of a later one and has no certificate of
+        // its own here; the next block will.
+        match tokio::time::timeout_at(deadline, finalized.next()).await {
+            Ok(Some(())) => {}
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_certificate",
+                    format!("no finalized block with a certificate within {PROOF_WAIT_MS} ms; try again"),
+                ));
+            }
+        }
+    }
+}
+
+/// `GET /v1/chain/tasks/{id}/output`: `{"task", "outputs"}`, the blob (an `.npz`) holding the
+/// outputs of a quorum task. A node that did not run the task fetches them from its executors
+/// and checks them against their receipts, except for requests from peers, which it answers
+/// only from what it holds.
+pub(crate) async fn task_output(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    validator(&state)?;
+    let id = parse_task_id(&id)?;
+    let registry = state.registry.clone();
+    let held = tokio::task::spawn_blocking(move || registry.task_output(&id))
+        .await
+        .map_err(|error| ApiError::internal(error.to_string()))?
+        .map_err(|error| ApiError::internal(error.to_string()))?;
+    let outputs = match (held, &state.replicator) {
+        (Some(blob), _) => Some(blob),
+        (None, Some(replicator)) if !headers.contains_key(vouch_client::PEER_FETCH_HEADER) => {
+            replicator.fetch_task_output(&id).await.map_err(|error| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "fetch_failed",
+                    format!("task {id}'s outputs: {error}"),
+                )
+            })?
+        }
+        _ => None,
+    };
+    let outputs = outputs.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_output",
+            format!("no outputs of task {id} here or at its executors (an open task has none yet)"),
+        )
+    })?;
+    Ok(Json(json!({ "task": id, "outputs": outputs })))
+}
+
+/// `GET /v1/chain/genesis`: the genesis JSON, whose hash is the chain id. A client that pins the
+/// chain id can take it from any node.
+pub(crate) async fn genesis(
+    State(state): State<AppState>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    let genesis = validator(&state)?.genesis();
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        genesis.to_json(),
+    ))
 }
 
 /// `GET /v1/chain/models/{id}`: a published model's record (name, version, publisher, replicas

@@ -199,16 +199,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         slots: Arc::new(Semaphore::new(config.limits.max_concurrent_inferences)),
     };
     let store: Arc<dyn vouch_store::BlobStore> = Arc::new(store);
-    let chain = match &config.chain {
+    let mut chain = match &config.chain {
         Some(options) => {
             let chain_config = chain::service::ChainConfig {
                 genesis: options.genesis.clone(),
                 key: inference.key.clone(),
                 p2p_addr: options.p2p_addr,
                 storage_dir: config.data_dir.join("chain"),
-                store: store.clone(),
-                max_blob_bytes: config.limits.max_inspect_bytes,
-                inference_threads: config.limits.inference_threads,
                 worker_threads: 2,
             };
             Some(tokio::task::spawn_blocking(move || chain::service::start(chain_config)).await??)
@@ -216,7 +213,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         None => None,
     };
     let registry = Arc::new(registry);
-    let replicator = match &chain {
+    let replicator = match &mut chain {
         Some(running) => {
             let replicator = replication::Replicator::new(
                 store.clone(),
@@ -233,6 +230,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             })?;
             let replicator = Arc::new(replicator);
             tokio::spawn(replication::follow(replicator.clone()));
+            running.start_executor(chain::executor::ExecutorConfig {
+                key: inference.key.clone(),
+                store: store.clone(),
+                max_blob_bytes: config.limits.max_inspect_bytes,
+                tensor_limits: TensorLimits::default(),
+                threads: config.limits.inference_threads,
+                resubmit_after_blocks: 16,
+                support: Some(Arc::new(replication::ExecutorSupport(replicator.clone()))),
+            });
             Some(replicator)
         }
         None => None,

@@ -1,4 +1,5 @@
-//! The model registry: which manifest each `name@version` names, and who owns each name.
+//! The model registry: which manifest each `name@version` names, who owns each name, and which
+//! blob holds the outputs this node computed for each quorum task.
 //! Kept in redb, whose transactions are atomic and durable, so a crash never leaves half a
 //! publication.
 
@@ -21,6 +22,8 @@ const MODEL_BY_SEQ: TableDefinition<u64, &[u8]> = TableDefinition::new("model_by
 /// blob id → the first model published that lists it (a file or a plan): where a node that
 /// lacks the blob can ask for it.
 const MODEL_BY_BLOB: TableDefinition<&[u8], &[u8]> = TableDefinition::new("model_by_blob");
+/// quorum task id → the blob holding the outputs this node computed (or fetched) for it.
+const TASK_OUTPUTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("task_outputs");
 
 /// Errors from the registry.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,7 @@ impl Registry {
         txn.open_table(SEQ_BY_MODEL)?;
         txn.open_table(MODEL_BY_SEQ)?;
         txn.open_table(MODEL_BY_BLOB)?;
+        txn.open_table(TASK_OUTPUTS)?;
         txn.commit()?;
         Ok(Self { db, limits })
     }
@@ -240,6 +244,25 @@ impl Registry {
             .transpose()
     }
 
+    /// Records that the blob `outputs` holds the outputs of quorum task `task`.
+    pub fn record_task_output(&self, task: &vouch_crypto::Digest, outputs: &BlobId) -> Result<(), RegistryError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(TASK_OUTPUTS)?
+            .insert(task.as_bytes().as_slice(), outputs.hash().as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The blob holding the outputs of quorum task `task`, if this node has them.
+    pub fn task_output(&self, task: &vouch_crypto::Digest) -> Result<Option<BlobId>, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let outputs = txn.open_table(TASK_OUTPUTS)?;
+        outputs
+            .get(task.as_bytes().as_slice())?
+            .map(|blob| blob_id(blob.value(), "an output blob id"))
+            .transpose()
+    }
+
     fn load(&self, txn: &redb::ReadTransaction, id: ModelId) -> Result<Option<Published>, RegistryError> {
         let manifests = txn.open_table(MANIFESTS)?;
         let Some(bytes) = manifests.get(id.0.hash().as_slice())? else {
@@ -257,9 +280,13 @@ impl Registry {
 }
 
 fn model_id(bytes: &[u8]) -> Result<ModelId, RegistryError> {
+    blob_id(bytes, "a model id").map(ModelId)
+}
+
+fn blob_id(bytes: &[u8], what: &str) -> Result<BlobId, RegistryError> {
     <[u8; 32]>::try_from(bytes)
-        .map(|hash| ModelId(BlobId::from_hash(hash)))
-        .map_err(|_| RegistryError::Damaged("a model id is not 32 bytes".into()))
+        .map(BlobId::from_hash)
+        .map_err(|_| RegistryError::Damaged(format!("{what} is not 32 bytes")))
 }
 
 fn public_key(bytes: &[u8]) -> Result<PublicKey, RegistryError> {

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tracing::{info, warn};
 use vouch_client::Client;
-use vouch_crypto::PublicKey;
+use vouch_crypto::{Digest, PublicKey};
 use vouch_ledger::{Ledger, TxError};
 use vouch_store::{BlobStore, StoreError};
+use vouch_tensor::TensorLimits;
 use vouch_types::{BlobId, Manifest, ManifestLimits, ModelId};
 
 use crate::chain::validator::Validator;
@@ -25,6 +26,8 @@ const MAX_SOURCES: usize = 32;
 const MAX_NODES_READ: usize = 256;
 /// Most publications the follower reads from the ledger per finalized block.
 const PUBLICATIONS_PER_STEP: usize = 256;
+/// Largest outputs blob read back to check it.
+const MAX_OUTPUT_BYTES: u64 = 1 << 30;
 /// The first wait before a model whose blobs could not be fetched is tried again.
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 /// The longest wait between two tries.
@@ -82,10 +85,13 @@ pub(crate) struct Replicator {
     manifest_limits: ManifestLimits,
     max_blob_bytes: u64,
     staged: AtomicU64,
+    /// The API's runtime, where downloads run.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Replicator {
-    /// A replicator that stages downloads in `staging_dir` (emptied now).
+    /// A replicator that stages downloads in `staging_dir` (emptied now); made on the API's
+    /// runtime, where its downloads run.
     pub(crate) fn new(
         store: Arc<dyn BlobStore>,
         registry: Arc<Registry>,
@@ -109,6 +115,7 @@ impl Replicator {
             manifest_limits,
             max_blob_bytes,
             staged: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -224,6 +231,56 @@ impl Replicator {
         Ok(true)
     }
 
+    /// For a client asking this node for the outputs of a quorum task it did not run: fetches
+    /// them from an executor that submitted a receipt, checks them against that receipt's output
+    /// hash, and keeps them. `None` when no executor serves outputs that hold up.
+    pub(crate) async fn fetch_task_output(&self, task: &Digest) -> Result<Option<BlobId>, FetchError> {
+        let ledger = self.validator.app().finalized_ledger();
+        let Some(record) = ledger.task(task)? else {
+            return Ok(None);
+        };
+        for receipt in &record.receipts {
+            let executor = receipt.body.executor;
+            let Some(node) = ledger.node(&executor)?.filter(|_| executor != self.me) else {
+                continue;
+            };
+            let answer = match Client::peer(&format!("http://{}", node.address)) {
+                Ok(client) => client.chain_task_output(task).await,
+                Err(error) => Err(error),
+            };
+            let blob = match answer {
+                Ok(blob) => blob,
+                Err(error) => {
+                    warn!(%task, %executor, %error, "executor did not serve the task's outputs");
+                    continue;
+                }
+            };
+            if let Err(error) = self.fetch(&blob, std::slice::from_ref(&node.address)).await {
+                warn!(%task, %executor, %error, "cannot fetch the task's outputs");
+                continue;
+            }
+            let (store, registry, task_id) = (self.store.clone(), self.registry.clone(), *task);
+            let expected = receipt.body.output_hash;
+            let kept = tokio::task::spawn_blocking(move || {
+                let bytes = store.read_to_vec(&blob, MAX_OUTPUT_BYTES)?;
+                let outputs = vouch_tensor::read_npz(&bytes, &TensorLimits::default())
+                    .map_err(|error| std::io::Error::other(error.to_string()))?;
+                if vouch_verify::tensors_hash(&outputs) != expected {
+                    return Ok(false);
+                }
+                registry.record_task_output(&task_id, &blob)?;
+                Ok::<_, FetchError>(true)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            if kept {
+                return Ok(Some(blob));
+            }
+            warn!(%task, %executor, "the outputs an executor served do not match its receipt");
+        }
+        Ok(None)
+    }
+
     /// Brings one published model into this node: its manifest into the registry, and, if
     /// this node is an assigned replica that has not confirmed, every blob it lists.
     async fn settle(&self, ledger: &Ledger, model: &ModelId) -> Result<(), FetchError> {
@@ -269,6 +326,35 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+}
+
+/// The executor's helper on a network node: input blobs come from peers, outputs are indexed
+/// in the registry.
+pub(crate) struct ExecutorSupport(pub(crate) Arc<Replicator>);
+
+impl crate::chain::executor::TaskSupport for ExecutorSupport {
+    fn fetch_blob(&self, blob: &BlobId) -> Result<(), String> {
+        let replicator = self.0.clone();
+        let blob = *blob;
+        // Called from a blocking thread of the consensus runtime; the download runs on the
+        // API's runtime, where the HTTP client lives.
+        let fetch = self.0.runtime.spawn(async move {
+            let ledger = replicator.validator.app().finalized_ledger();
+            let sources = replicator.sources(&ledger, None)?;
+            replicator.fetch(&blob, &sources).await
+        });
+        match futures::executor::block_on(fetch) {
+            Ok(result) => result.map_err(|error| error.to_string()),
+            Err(error) => Err(format!("the fetch stopped: {error}")),
+        }
+    }
+
+    fn keep_outputs(&self, task: &Digest, outputs: &BlobId) -> Result<(), String> {
+        self.0
+            .registry
+            .record_task_output(task, outputs)
+            .map_err(|error| error.to_string())
     }
 }
 

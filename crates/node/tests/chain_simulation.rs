@@ -15,9 +15,10 @@ use futures::StreamExt;
 use futures::channel::oneshot;
 use vouch_crypto::{Digest, PublicKey, SecretKey};
 use vouch_engine::ExecOptions;
-use vouch_ledger::state::TaskStatus;
+use vouch_ledger::state::{TaskStatus, task_key};
 use vouch_ledger::{Genesis, GenesisAccount, GenesisValidator, InputRef, Params, Transaction, TxBody};
 use vouch_node::chain::executor::{self, ExecutorConfig};
+use vouch_node::chain::finality::{FinalityError, TaskProof, ValidatorSet};
 use vouch_node::chain::validator::{
     self, CHANNEL_BACKFILL, CHANNEL_BLOCKS, CHANNEL_CERTIFICATES, CHANNEL_CONSENSUS_RESOLVER, CHANNEL_TRANSACTIONS,
     CHANNEL_VOTES, Channels, MAX_MESSAGE_BYTES, Timing, Validator, ValidatorConfig,
@@ -585,6 +586,7 @@ fn run_quorum(seed: u64, link: Link) -> (Vec<(Digest, TaskStatus, Vec<PublicKey>
                     tensor_limits: TensorLimits::default(),
                     threads: 1,
                     resubmit_after_blocks: 8,
+                    support: None,
                 };
                 child.spawn(move |context| executor::run(context, validator, config));
             }
@@ -652,9 +654,86 @@ fn run_quorum(seed: u64, link: Link) -> (Vec<(Digest, TaskStatus, Vec<PublicKey>
             }
             outcomes.push((*id, task.status, task.executors.clone()));
         }
+        check_task_proofs(&context, &genesis, v0, &task_ids, &inputs).await;
         let root = ledger.root();
         (outcomes, root)
     })
+}
+
+/// A client that trusts only the genesis validators believes each task's outcome from a proof
+/// any validator gives, and refuses a proof that was tampered with or that other validators
+/// would have to have signed.
+async fn check_task_proofs(
+    context: &deterministic::Context,
+    genesis: &Genesis,
+    validator: &Validator,
+    task_ids: &[Digest],
+    inputs: &[(Vec<u8>, Digest, Digest)],
+) {
+    let validators = ValidatorSet::from_genesis(genesis).expect("validator set");
+    let (ledger, finality) = loop {
+        if let (ledger, Some(finality)) = validator.finalized_with_proof().await {
+            break (ledger, finality);
+        }
+        context.sleep(Duration::from_millis(50)).await;
+    };
+    let mut finalized_proof = None;
+    for (id, (_, _, honest_output)) in task_ids.iter().zip(inputs) {
+        let proof = TaskProof {
+            chain_id: genesis.chain_id(),
+            task_id: *id,
+            task: ledger.task(id).expect("task").expect("exists"),
+            finality: finality.clone(),
+            state_proof: ledger.prove(&task_key(id)),
+        };
+        proof.verify(&validators).expect("an honest proof holds");
+        match proof.task.status {
+            TaskStatus::Finalized => {
+                assert_eq!(proof.agreement().expect("agreement").output_hash, *honest_output);
+                finalized_proof = Some(proof);
+            }
+            _ => assert!(matches!(proof.agreement(), Err(FinalityError::NotFinalized { .. }))),
+        }
+    }
+    let proof = finalized_proof.expect("a finalized task");
+
+    let mut other_status = proof.clone();
+    other_status.task.status = TaskStatus::Expired;
+    assert!(matches!(
+        other_status.verify(&validators),
+        Err(FinalityError::RecordMismatch { .. })
+    ));
+    let mut other_root = proof.clone();
+    other_root.finality.header.state_root = Digest::of("forged", b"root");
+    assert!(matches!(
+        other_root.verify(&validators),
+        Err(FinalityError::OtherBlock { .. })
+    ));
+    let mut other_task = proof.clone();
+    other_task.task_id = Digest::of("forged", b"task");
+    assert!(other_task.verify(&validators).is_err());
+    let mut cut = proof.clone();
+    cut.finality.finalization.pop();
+    assert!(matches!(cut.verify(&validators), Err(FinalityError::Malformed(_))));
+    let mut forged = proof.clone();
+    let last = forged.finality.finalization.len() - 1;
+    forged.finality.finalization[last - 40] ^= 1;
+    assert!(matches!(
+        forged.verify(&validators),
+        Err(FinalityError::Signatures | FinalityError::Malformed(_))
+    ));
+
+    let mut other_genesis = genesis.clone();
+    other_genesis.validators[0].public_key = executor_secret(0).public_key();
+    let strangers = ValidatorSet::from_genesis(&other_genesis).expect("validator set");
+    assert!(matches!(
+        proof.verify(&strangers),
+        Err(FinalityError::OtherChain { .. })
+    ));
+    assert!(matches!(
+        strangers.verify(&proof.finality),
+        Err(FinalityError::Signatures)
+    ));
 }
 
 #[test]

@@ -168,6 +168,16 @@ impl LedgerApp {
         (state.finalized_height, from_chain_digest(&state.finalized_digest))
     }
 
+    /// The last finalized block's height and digest with the state after it, read together.
+    pub fn finalized_snapshot(&self) -> (u64, Digest, Arc<Ledger>) {
+        let state = self.lock();
+        (
+            state.finalized_height,
+            from_chain_digest(&state.finalized_digest),
+            state.finalized_ledger.clone(),
+        )
+    }
+
     /// The height of the last finalized block.
     pub fn finalized_height(&self) -> u64 {
         self.lock().finalized_height

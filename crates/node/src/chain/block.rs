@@ -30,12 +30,11 @@ pub struct ChainBlock {
 impl ChainBlock {
     /// Wraps a ledger block.
     pub fn new(block: Block) -> Self {
-        let encoded = block.encode();
-        let digest = to_chain_digest(&Block::digest_of_encoding(&encoded));
+        let (header, encoded_len) = block.header_and_size();
         Self {
+            digest: to_chain_digest(&header.digest()),
             block,
-            digest,
-            encoded_len: encoded.len(),
+            encoded_len,
         }
     }
 

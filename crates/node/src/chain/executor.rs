@@ -13,7 +13,7 @@ use vouch_ledger::state::TaskRecord;
 use vouch_ledger::{InputRef, Ledger, Transaction, TxBody};
 use vouch_store::BlobStore;
 use vouch_tensor::{TensorFormat, TensorLimits};
-use vouch_types::{Manifest, ManifestLimits, ModelId, Receipt, ReceiptBody, VerifyLevel};
+use vouch_types::{BlobId, Manifest, ManifestLimits, ModelId, Receipt, ReceiptBody, VerifyLevel};
 use vouch_verify::{decode_plan, name_inputs, run_exact, tensors_hash};
 
 use super::validator::Validator;
@@ -39,6 +39,19 @@ pub struct ExecutorConfig {
     /// After this many finalized blocks without its receipts going in, the executor submits
     /// them again from its account's current nonce.
     pub resubmit_after_blocks: u64,
+    /// The node's help with input blobs and outputs (none: inputs must be in the store, and
+    /// outputs are not kept).
+    pub support: Option<Arc<dyn TaskSupport>>,
+}
+
+/// What an executor asks of its node beyond the store.
+pub trait TaskSupport: Send + Sync {
+    /// Fetches `blob` from peers into the store (a task's input uploaded to another node);
+    /// blocking.
+    fn fetch_blob(&self, blob: &BlobId) -> Result<(), String>;
+    /// Records that the stored blob `outputs` holds the outputs this node computed for `task`,
+    /// so that clients can fetch them.
+    fn keep_outputs(&self, task: &Digest, outputs: &BlobId) -> Result<(), String>;
 }
 
 impl std::fmt::Debug for ExecutorConfig {
@@ -91,12 +104,7 @@ struct Prepared {
     plan: Plan,
 }
 
-fn read_blob(
-    store: &dyn BlobStore,
-    id: &vouch_types::BlobId,
-    max_bytes: u64,
-    what: &'static str,
-) -> Result<Vec<u8>, AnswerError> {
+fn read_blob(store: &dyn BlobStore, id: &BlobId, max_bytes: u64, what: &'static str) -> Result<Vec<u8>, AnswerError> {
     store.read_to_vec(id, max_bytes).map_err(|error| AnswerError::Blob {
         what,
         reason: format!("{id}: {error}"),
@@ -132,7 +140,19 @@ fn answer(
     };
     let bytes = match &task.input {
         InputRef::Inline(bytes) => bytes.clone(),
-        InputRef::Blob(blob) => read_blob(config.store.as_ref(), blob, config.max_blob_bytes, "input")?,
+        InputRef::Blob(blob) => {
+            let store = config.store.as_ref();
+            let held = store.size(blob).map_err(|error| AnswerError::Blob {
+                what: "input",
+                reason: format!("{blob}: {error}"),
+            })?;
+            if let (None, Some(support)) = (held, &config.support) {
+                support
+                    .fetch_blob(blob)
+                    .map_err(|reason| AnswerError::Blob { what: "input", reason })?;
+            }
+            read_blob(store, blob, config.max_blob_bytes, "input")?
+        }
     };
     let tensors = TensorFormat::sniff(&bytes)
         .decode(&bytes, &config.tensor_limits)
@@ -150,6 +170,12 @@ fn answer(
         ..ExecOptions::default()
     };
     let answer = run_exact(&prepared.plan, &inputs, &options)?;
+    if let Some(support) = &config.support {
+        // The receipt does not depend on keeping the outputs: another executor may serve them.
+        if let Err(error) = keep_outputs(config.store.as_ref(), support.as_ref(), id, &answer.outputs) {
+            warn!(task = %id, %error, "outputs not kept");
+        }
+    }
     ReceiptBody {
         request_hash: *id,
         model_id: task.model_id,
@@ -162,6 +188,20 @@ fn answer(
     }
     .sign(&config.key)
     .map_err(AnswerError::Receipt)
+}
+
+/// Stores `outputs` as an `.npz` blob and records it as `task`'s.
+fn keep_outputs(
+    store: &dyn BlobStore,
+    support: &dyn TaskSupport,
+    task: &Digest,
+    outputs: &[vouch_tensor::NamedTensor],
+) -> Result<(), String> {
+    let bytes = vouch_tensor::write_npz(outputs).map_err(|error| error.to_string())?;
+    let stored = store
+        .put(&mut bytes.as_slice(), bytes.len() as u64)
+        .map_err(|error| error.to_string())?;
+    support.keep_outputs(task, &stored.id)
 }
 
 /// What the executor has done for the tasks it still owes.

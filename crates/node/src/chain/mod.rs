@@ -4,6 +4,7 @@
 pub mod app;
 pub mod block;
 pub mod executor;
+pub mod finality;
 pub mod persist;
 pub mod service;
 pub mod validator;

@@ -1,10 +1,10 @@
 //! A node's part in the network: a validator on commonware's authenticated p2p and tokio runtime,
-//! with an executor beside it, running on threads of its own beside the HTTP API.
+//! with an executor beside it (started once the node hands it its configuration), running on
+//! threads of its own beside the HTTP API.
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use commonware_cryptography::ChaCha20Poly1305;
@@ -19,8 +19,6 @@ use futures::channel::oneshot;
 use tracing::{error, info};
 use vouch_crypto::SecretKey;
 use vouch_ledger::Genesis;
-use vouch_store::BlobStore;
-use vouch_tensor::TensorLimits;
 
 use super::executor::{self, ExecutorConfig};
 use super::validator::{
@@ -42,12 +40,6 @@ pub struct ChainConfig {
     pub p2p_addr: SocketAddr,
     /// Where consensus and the ledger keep their files.
     pub storage_dir: PathBuf,
-    /// The node's blob store, where the executor finds models and inputs.
-    pub store: Arc<dyn BlobStore>,
-    /// Largest manifest, plan or input blob the executor reads.
-    pub max_blob_bytes: u64,
-    /// Threads for one run of a plan.
-    pub inference_threads: usize,
     /// Worker threads of the consensus runtime.
     pub worker_threads: usize,
 }
@@ -84,6 +76,7 @@ pub enum ChainError {
 #[derive(Debug)]
 pub struct RunningChain {
     validator: Validator,
+    executor: Option<oneshot::Sender<ExecutorConfig>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -92,6 +85,13 @@ impl RunningChain {
     /// The validator: its ledger application and mempool.
     pub fn validator(&self) -> &Validator {
         &self.validator
+    }
+
+    /// Starts the node's executor on the consensus runtime (at most once).
+    pub fn start_executor(&mut self, config: ExecutorConfig) {
+        if let Some(start) = self.executor.take() {
+            let _ = start.send(config);
+        }
     }
 
     /// Stops consensus and waits for its runtime to end. Everything finalized is already saved.
@@ -131,6 +131,7 @@ pub fn start(config: ChainConfig) -> Result<RunningChain, ChainError> {
     }
     let (started_sender, started) = std::sync::mpsc::channel();
     let (stop, stopped) = oneshot::channel::<()>();
+    let (executor_sender, executor_config) = oneshot::channel::<ExecutorConfig>();
     let runtime_config = commonware_runtime::tokio::Config::new()
         .with_storage_directory(config.storage_dir.clone())
         .with_worker_threads(config.worker_threads.max(1))
@@ -142,7 +143,14 @@ pub fn start(config: ChainConfig) -> Result<RunningChain, ChainError> {
                 // The validator's tasks are children of this one: they run until it returns.
                 match run(&context, config, peers).await {
                     Ok(validator) => {
-                        let _ = started_sender.send(Ok(validator));
+                        let _ = started_sender.send(Ok(validator.clone()));
+                        context.child("executor").spawn(move |context| async move {
+                            // Dropped unstarted when the node runs without an executor.
+                            if let Ok(config) = executor_config.await {
+                                executor::run(context, validator, config).await;
+                                error!("the executor stopped");
+                            }
+                        });
                         let _ = stopped.await;
                         info!("consensus stopping");
                     }
@@ -156,6 +164,7 @@ pub fn start(config: ChainConfig) -> Result<RunningChain, ChainError> {
     match started.recv() {
         Ok(Ok(validator)) => Ok(RunningChain {
             validator,
+            executor: Some(executor_sender),
             stop: Some(stop),
             thread: Some(thread),
         }),
@@ -230,18 +239,5 @@ async fn run(
         height = validator.app().finalized_height(),
         "validator started"
     );
-    let executor = ExecutorConfig {
-        key: config.key.clone(),
-        store: config.store.clone(),
-        max_blob_bytes: config.max_blob_bytes,
-        tensor_limits: TensorLimits::default(),
-        threads: config.inference_threads,
-        resubmit_after_blocks: 16,
-    };
-    let executor_validator = validator.clone();
-    context.child("executor").spawn(move |context| async move {
-        executor::run(context, executor_validator, executor).await;
-        error!("the executor stopped");
-    });
     Ok(validator)
 }

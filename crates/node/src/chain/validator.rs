@@ -14,7 +14,7 @@ use commonware_consensus::marshal::{Config as MarshalConfig, Start};
 use commonware_consensus::simplex::Engine as SimplexEngine;
 use commonware_consensus::simplex::config::{Config as SimplexConfig, Floor, ForwardPolicy, SkipBudget, SkipPolicy};
 use commonware_consensus::simplex::elector::RoundRobin;
-use commonware_consensus::types::{Epoch, FixedEpocher, ViewDelta};
+use commonware_consensus::types::{Epoch, FixedEpocher, Height, ViewDelta};
 use commonware_cryptography::blake3::Blake3;
 use commonware_cryptography::certificate::{ConstantProvider, Verifier as _};
 use commonware_cryptography::ed25519::{PrivateKey, PublicKey as ConsensusKey};
@@ -36,7 +36,8 @@ use vouch_ledger::{Genesis, SignedTransaction};
 
 use super::Scheme;
 use super::app::{LedgerApp, SubmitError, genesis_block};
-use super::block::ChainBlock;
+use super::block::{ChainBlock, to_chain_digest};
+use super::finality::FinalityProof;
 use super::persist::{PersistError, Persister};
 
 /// The p2p channel of consensus votes.
@@ -156,6 +157,7 @@ impl<T: Clock + CryptoRng + Spawner + Storage + Metrics + Supervisor + Send + Sy
 /// A running validator.
 #[derive(Clone)]
 pub struct Validator {
+    genesis: std::sync::Arc<Genesis>,
     app: LedgerApp,
     gossip: mpsc::Sender<SignedTransaction>,
     marshal: MarshalMailbox<Scheme, Standard<ChainBlock>>,
@@ -170,6 +172,11 @@ impl std::fmt::Debug for Validator {
 }
 
 impl Validator {
+    /// The chain's genesis.
+    pub fn genesis(&self) -> &Genesis {
+        &self.genesis
+    }
+
     /// The ledger application: the finalized state and the mempool.
     pub fn app(&self) -> &LedgerApp {
         &self.app
@@ -178,6 +185,22 @@ impl Validator {
     /// Marshal's mailbox: finalized blocks and their certificates.
     pub fn marshal(&self) -> &MarshalMailbox<Scheme, Standard<ChainBlock>> {
         &self.marshal
+    }
+
+    /// The state after the last finalized block, with that block's finality proof when marshal
+    /// holds a certificate of the block's own (a block finalized only as the ancestor of a
+    /// later one has none; the next block will).
+    pub async fn finalized_with_proof(&self) -> (std::sync::Arc<vouch_ledger::Ledger>, Option<FinalityProof>) {
+        let (height, digest, ledger) = self.app.finalized_snapshot();
+        let finalization = match self.marshal.get_finalization(Height::new(height)).await {
+            Some(finalization) if finalization.proposal.payload == to_chain_digest(&digest) => finalization,
+            _ => return (ledger, None),
+        };
+        let Some(block) = self.marshal.get_block(Height::new(height)).await else {
+            return (ledger, None);
+        };
+        let proof = FinalityProof::new(block.inner().block().header(), &finalization);
+        (ledger, Some(proof))
     }
 
     /// Admits a transaction to the mempool and gossips it to the other validators.
@@ -220,7 +243,7 @@ pub fn participants(genesis: &Genesis) -> Result<Set<ConsensusKey>, StartError> 
 
 /// The namespace votes are signed in: one per chain, so that votes cannot be replayed across
 /// chains.
-pub(crate) fn namespace(genesis: &Genesis) -> Vec<u8> {
+pub fn namespace(genesis: &Genesis) -> Vec<u8> {
     format!("vouch-{}", genesis.chain_id()).into_bytes()
 }
 
@@ -411,6 +434,7 @@ where
         .spawn(move |_| gossip(gossip_app, gossip_receiver, channels.transactions));
 
     Ok(Validator {
+        genesis: std::sync::Arc::new(config.genesis.clone()),
         app,
         gossip: gossip_sender,
         marshal,
