@@ -2,6 +2,7 @@
 
 mod chain;
 mod devnet;
+mod quorum;
 mod receipts;
 mod run_model;
 
@@ -58,7 +59,8 @@ enum Command {
     Blob(BlobCommand),
     /// Run a model locally, in float32 or exactly (`--exact`).
     Run(run_model::RunArgs),
-    /// Run a model on the node; check its signed receipt, and re-execute the plan (`reexec`).
+    /// Run a model on the node and check the answer: its signed receipt and a local re-execution
+    /// (`reexec`), or K executors' agreement finalized on the ledger (`quorum`).
     Infer(receipts::InferArgs),
     /// Check a receipt: its signature, its model and plan, and (with --input) by re-execution.
     Verify(receipts::VerifyArgs),
@@ -246,6 +248,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Model(command) => run_model(&cli, command).await,
         Command::Blob(command) => run_blob(&cli, command).await,
         Command::Run(args) => run_model::run(&cli.node, cli.json, args).await,
+        Command::Infer(args) if args.verify == Some(vouch_types::VerifyLevel::Quorum) => {
+            quorum::infer(&cli.node, &load_key(&cli)?, cli.json, args).await
+        }
         Command::Infer(args) => receipts::infer(&cli.node, cli.json, args).await,
         Command::Verify(args) => receipts::verify(&cli.node, cli.json, args).await,
         Command::Account(args) => {

@@ -21,38 +21,59 @@ const MAX_RECEIPT_BYTES: u64 = 64 << 10;
 #[derive(Debug, Args)]
 pub struct InferArgs {
     /// The model: its id, name@version, or name (latest version).
-    model: ModelRef,
+    pub(crate) model: ModelRef,
     /// Input tensors: .npy (a model with one input), .npz, .pb or .json.
     #[arg(long)]
-    input: PathBuf,
+    pub(crate) input: PathBuf,
     /// `reexec`: the node runs the exact plan and this machine re-executes it before accepting
-    /// the answer (the default when the model has a plan); `none`: trust the node's float answer.
+    /// the answer (the default when the model has a plan); `none`: trust the node's float
+    /// answer; `quorum`: K staked executors drawn by the ledger must agree bit for bit (a
+    /// transaction signed with --key pays them).
     #[arg(long)]
-    verify: Option<VerifyLevel>,
+    pub(crate) verify: Option<VerifyLevel>,
+    /// With `--verify quorum`: how many executors must agree.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=i64::from(vouch_ledger::tx::MAX_QUORUM)))]
+    pub(crate) k: u8,
+    /// With `--verify quorum`: the most paid, split among the executors (default: 10 each).
+    #[arg(long)]
+    pub(crate) max_fee: Option<u64>,
+    /// With `--verify quorum`: blocks the executors have before the task expires and the fee
+    /// returns.
+    #[arg(long, default_value_t = 1_000)]
+    pub(crate) deadline_blocks: u64,
+    /// With `--verify quorum`: the chain's genesis file, whose validators must have finalized
+    /// the answer (default: the genesis the node serves).
+    #[arg(long)]
+    pub(crate) genesis: Option<PathBuf>,
     /// Write the outputs here: .npy (one output), .npz or .json.
     #[arg(short, long)]
-    output: Option<PathBuf>,
-    /// Write the node's signed receipt here (JSON).
+    pub(crate) output: Option<PathBuf>,
+    /// Write the receipt here (JSON): the node's signed receipt, or with `--verify quorum` the
+    /// task's proof (its K receipts, the finalized block and its certificate).
     #[arg(long)]
-    receipt: Option<PathBuf>,
+    pub(crate) receipt: Option<PathBuf>,
     /// Worker threads for re-execution (default: every core).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// The receipt (JSON, as `vouch infer --receipt` writes it).
-    receipt: PathBuf,
+    pub(crate) receipt: PathBuf,
     /// The inputs the receipt answers; needed to re-execute an exact receipt.
     #[arg(long)]
-    input: Option<PathBuf>,
+    pub(crate) input: Option<PathBuf>,
     /// Outputs to check against the receipt's output hash.
     #[arg(long)]
-    output: Option<PathBuf>,
+    pub(crate) output: Option<PathBuf>,
+    /// For a quorum receipt: the chain's genesis file, whose validators must have finalized the
+    /// task (default: the genesis the node serves).
+    #[arg(long)]
+    pub(crate) genesis: Option<PathBuf>,
     /// Worker threads for re-execution (default: every core).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
 }
 
 /// A nonce that no other request of this process or another will repeat: a hash of the time,
@@ -188,13 +209,23 @@ pub async fn verify(node: &str, json_output: bool, args: &VerifyArgs) -> Result<
     let size = std::fs::metadata(&args.receipt)
         .with_context(|| format!("cannot read {}", args.receipt.display()))?
         .len();
-    if size > MAX_RECEIPT_BYTES {
+    if size > crate::quorum::MAX_PROOF_BYTES {
         bail!(
-            "{} is {size} bytes; a receipt is at most {MAX_RECEIPT_BYTES}",
-            args.receipt.display()
+            "{} is {size} bytes; a receipt is at most {}",
+            args.receipt.display(),
+            crate::quorum::MAX_PROOF_BYTES
         );
     }
     let text = std::fs::read(&args.receipt).with_context(|| format!("cannot read {}", args.receipt.display()))?;
+    if crate::quorum::is_task_proof(&text) {
+        return crate::quorum::verify(node, json_output, &text, args).await;
+    }
+    if text.len() as u64 > MAX_RECEIPT_BYTES {
+        bail!(
+            "{} is {size} bytes; a node's receipt is at most {MAX_RECEIPT_BYTES}",
+            args.receipt.display()
+        );
+    }
     let receipt: Receipt =
         serde_json::from_slice(&text).with_context(|| format!("{} is not a receipt", args.receipt.display()))?;
     receipt.check_signature()?;
@@ -205,7 +236,8 @@ pub async fn verify(node: &str, json_output: bool, args: &VerifyArgs) -> Result<
         .with_context(|| format!("cannot fetch model {} named by the receipt", receipt.body.model_id))?;
     let plan_id = check_receipt_model(&receipt, &manifest)?;
     if let Some(path) = &args.output {
-        check_outputs(&receipt, &load_tensors(path)?)?;
+        // Named as the model names its outputs, so an unnamed .npy hashes as the node's did.
+        check_outputs(&receipt, &name_inputs(&manifest.body.outputs, load_tensors(path)?)?)?;
     }
     let inputs = match &args.input {
         Some(path) => Some(name_inputs(&manifest.body.inputs, load_tensors(path)?)?),

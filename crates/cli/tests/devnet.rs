@@ -1,6 +1,8 @@
-//! `vouch devnet` with real processes: four validators finalize transfers submitted over HTTP,
-//! one is SIGKILLed and the rest keep finalizing, the devnet restarts it and it catches up, and a
-//! second run on the same directory resumes the same chain.
+//! `vouch devnet` with real processes: four validators finalize transfers submitted over HTTP;
+//! a model is published with its exact plan and replicated; quorum inference from the CLI is
+//! proven and checked; 100 quorum inferences run while one node is SIGKILLed, the rest keep
+//! finalizing, the devnet restarts it and it catches up; and a second run on the same directory
+//! resumes the same chain with nothing lost.
 
 mod common;
 
@@ -12,8 +14,13 @@ use std::time::{Duration, Instant};
 use vouch_client::Client;
 use vouch_crypto::{PublicKey, SecretKey};
 use vouch_ledger::{Transaction, TxBody};
+use vouch_node::chain::finality::{TaskProof, ValidatorSet};
 
 const NODES: usize = 4;
+/// Quorum inferences the test runs.
+const TASKS: usize = 100;
+/// Blocks the executors have for a task: far more than a restart takes.
+const TASK_DEADLINE_BLOCKS: u64 = 5_000;
 const AMOUNT: u64 = 7;
 /// More than the dev account holds.
 const DEV_BALANCE_TOO_MUCH: u64 = 10_000_000_000_000;
@@ -155,6 +162,42 @@ async fn wait_for_model(url: &str, reference: &str, id: &str) {
         }
         assert!(Instant::now() < deadline, "{url} never listed {reference}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Row `row` of `digits` as a one-digit input named as the model names it.
+fn digit_row(digits: &vouch_tensor::NamedTensor, row: usize) -> vouch_tensor::NamedTensor {
+    let vouch_tensor::TensorData::F32(values) = digits.tensor.data() else {
+        panic!("float digits");
+    };
+    vouch_tensor::NamedTensor {
+        name: digits.name.clone(),
+        tensor: vouch_tensor::Tensor::new(
+            vec![1, 64],
+            vouch_tensor::TensorData::F32(values[row * 64..(row + 1) * 64].to_vec()),
+        )
+        .expect("tensor"),
+    }
+}
+
+/// Waits until node `url`'s finalized ledger shows every task in `tasks` finalized.
+async fn wait_for_tasks(url: &str, tasks: &[vouch_crypto::Digest]) {
+    let client = Client::new(url).expect("client");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for id in tasks {
+        loop {
+            let status = match client.chain_task(id).await {
+                Ok(answer) => answer["task"]["status"].as_str().map(str::to_string),
+                Err(_) => None,
+            };
+            match status.as_deref() {
+                Some("finalized") => break,
+                Some("open") | None => {}
+                Some(other) => panic!("task {id} is {other} on {url}"),
+            }
+            assert!(Instant::now() < deadline, "task {id} never finalized on {url}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
@@ -337,31 +380,177 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
         "the pull is byte-identical"
     );
 
-    // Node 3 is SIGKILLed; the other three keep finalizing.
-    signal(devnet.pids[3], "-KILL");
-    let before = height(&devnet.urls[0]).await.expect("height");
-    let next_nonce = Client::new(&devnet.urls[1])
-        .expect("client")
-        .chain_account(&dev.public_key())
-        .await
-        .expect("account")["nonce"]
+    // Quorum inference from the CLI: the ledger draws two executors among the replicas, both
+    // run the exact plan, and the CLI believes the answer only after checking the finalization
+    // certificate against the genesis validators, the task against the certified state root,
+    // and the outputs (fetched from a node) against the hash the receipts agree on.
+    let genesis_path = dir.path().join("genesis.json");
+    let genesis_arg = genesis_path.to_str().expect("utf8");
+    let digits = common::digits(TASKS);
+    let one_digit = dir.path().join("digit.npy");
+    vouch_tensor::write_tensor_file(&one_digit, std::slice::from_ref(&digit_row(&digits, 0))).expect("written");
+    let one_digit_arg = one_digit.to_str().expect("utf8");
+    let proof_path = dir.path().join("quorum.json");
+    let proof_arg = proof_path.to_str().expect("utf8");
+    let outputs_path = dir.path().join("quorum-out.npy");
+    let answer = dev_cli
+        .run(&[
+            "infer",
+            "acme/digits@1.0.0",
+            "--input",
+            one_digit_arg,
+            "--verify",
+            "quorum",
+            "--k",
+            "2",
+            "--genesis",
+            genesis_arg,
+            "--receipt",
+            proof_arg,
+            "-o",
+            outputs_path.to_str().expect("utf8"),
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(answer["executors"].as_array().map(Vec::len), Some(2));
+    let local = dev_cli
+        .run(&[
+            "run",
+            "acme/digits@1.0.0",
+            "--input",
+            one_digit_arg,
+            "--exact",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        answer["output_hash"], local["output_hash"],
+        "the quorum's answer is the exact plan's"
+    );
+    assert_eq!(answer["trace_root"], local["trace_root"]);
+    dev_cli
+        .run(&[
+            "verify",
+            proof_arg,
+            "--genesis",
+            genesis_arg,
+            "--input",
+            one_digit_arg,
+            "--output",
+            outputs_path.to_str().expect("utf8"),
+        ])
+        .ok();
+    // A proof edited after the fact, or checked against another chain's validators, fails.
+    let proof: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&proof_path).expect("proof")).expect("json");
+    let edited_path = dir.path().join("edited.json");
+    let edited_arg = edited_path.to_str().expect("utf8");
+    for (pointer, value, error) in [
+        ("/task/status", "disputed", "differs from the one claimed"),
+        (
+            "/finality/header/state_root",
+            "0000000000000000000000000000000000000000000000000000000000000000",
+            "certificate finalizes block",
+        ),
+    ] {
+        let mut edited = proof.clone();
+        *edited.pointer_mut(pointer).expect("field") = serde_json::Value::from(value);
+        std::fs::write(&edited_path, edited.to_string()).expect("written");
+        dev_cli
+            .run(&["verify", edited_arg, "--genesis", genesis_arg])
+            .failed_with(error);
+    }
+    let mut stranger = genesis.clone();
+    stranger.accounts.clear();
+    let stranger_path = dir.path().join("other-genesis.json");
+    std::fs::write(&stranger_path, stranger.to_json()).expect("written");
+    dev_cli
+        .run(&["verify", proof_arg, "--genesis", stranger_path.to_str().expect("utf8")])
+        .failed_with("the proof is for chain");
+    // Asking for more executors than host the model is refused before anything is paid.
+    dev_cli
+        .run(&[
+            "infer",
+            "acme/digits@1.0.0",
+            "--input",
+            one_digit_arg,
+            "--verify",
+            "quorum",
+            "--k",
+            "3",
+        ])
+        .failed_with("eligible hosts, fewer than the 3 asked for");
+
+    // 100 quorum inferences sent to node 1; node 3 is SIGKILLed halfway. The other three keep
+    // finalizing, and the devnet restarts node 3.
+    let client1 = Client::new(&devnet.urls[1]).expect("client");
+    let mut nonce = client1.chain_account(&dev.public_key()).await.expect("account")["nonce"]
         .as_u64()
         .expect("nonce");
-    send_transfers(
-        &devnet.urls[1],
-        &dev,
-        &chain_id,
-        next_nonce..next_nonce + 10,
-        &recipient,
-    )
-    .await;
+    let start_height = height(&devnet.urls[1]).await.expect("height");
+    let mut tasks = Vec::new();
+    for row in 0..TASKS {
+        if row == TASKS / 2 {
+            signal(devnet.pids[3], "-KILL");
+        }
+        let input = digit_row(&digits, row);
+        let request = Transaction {
+            signer: dev.public_key(),
+            nonce,
+            fee: 1,
+            body: TxBody::RequestInference {
+                model_id: parsed_id,
+                input: vouch_ledger::InputRef::Inline(
+                    vouch_tensor::write_npz(std::slice::from_ref(&input)).expect("npz"),
+                ),
+                input_hash: vouch_verify::tensors_hash(std::slice::from_ref(&input)),
+                k: 2,
+                max_fee: 20,
+                deadline: start_height + TASK_DEADLINE_BLOCKS,
+            },
+        }
+        .sign(&dev, &chain_id);
+        tasks.push(request.id());
+        client1.submit_transaction(request.encode()).await.expect("submitted");
+        nonce += 1;
+    }
+    let before = height(&devnet.urls[0]).await.expect("height");
+    send_transfers(&devnet.urls[1], &dev, &chain_id, nonce..nonce + 10, &recipient).await;
     wait_for_balance(&devnet.urls[..3], &recipient, 20 * AMOUNT).await;
     assert!(height(&devnet.urls[0]).await.expect("height") > before);
-
-    // The devnet starts it again, and it catches up.
     let (index, _, _) = parse_node_line(&next_line(&devnet.lines, Duration::from_secs(30)));
     assert_eq!(index, 3);
     wait_for_balance(&devnet.urls[3..], &recipient, 20 * AMOUNT).await;
+
+    // Every task finalizes (those drawn to node 3 once it is back), and the restarted node
+    // proves each of them to a client that trusts only the genesis validators.
+    let validators = ValidatorSet::from_genesis(&genesis).expect("validator set");
+    for url in [&devnet.urls[0], &devnet.urls[3]] {
+        wait_for_tasks(url, &tasks).await;
+    }
+    let client3 = Client::new(&devnet.urls[3]).expect("client");
+    let mut agreed = Vec::new();
+    for id in &tasks {
+        let proof: TaskProof =
+            serde_json::from_value(client3.chain_task_proof(id).await.expect("proof")).expect("parses");
+        proof.verify(&validators).expect("the proof holds");
+        agreed.push(proof.agreement().expect("finalized and agreed").output_hash);
+    }
+    assert_eq!(
+        agreed[0].to_string(),
+        answer["output_hash"].as_str().expect("hash"),
+        "the same digit gives the same answer"
+    );
+    // A node that executed none of them serves their outputs, fetched from an executor.
+    let outputs_from = Client::new(&devnet.urls[bystander]).expect("client");
+    for (id, agreed) in tasks.iter().zip(&agreed).take(3) {
+        let blob = outputs_from.chain_task_output(id).await.expect("outputs");
+        let bytes = outputs_from.get_blob_bytes(&blob, 1 << 20).await.expect("bytes");
+        let outputs = vouch_tensor::read_npz(&bytes, &vouch_tensor::TensorLimits::default()).expect("npz");
+        assert_eq!(vouch_verify::tensors_hash(&outputs), *agreed);
+    }
 
     // SIGTERM stops everything cleanly.
     let last_height = height(&devnet.urls[0]).await.expect("height");
@@ -372,6 +561,7 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
     // Run again on the same directory: the same chain, with nothing lost.
     let mut resumed = start(dir.path());
     wait_for_balance(&resumed.urls, &recipient, 20 * AMOUNT).await;
+    wait_for_tasks(&resumed.urls[2], &tasks).await;
     for url in &resumed.urls {
         wait_for_model(url, "acme/digits@1.0.0", &model_id).await;
     }

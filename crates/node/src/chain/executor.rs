@@ -16,6 +16,7 @@ use vouch_tensor::{TensorFormat, TensorLimits};
 use vouch_types::{BlobId, Manifest, ManifestLimits, ModelId, Receipt, ReceiptBody, VerifyLevel};
 use vouch_verify::{decode_plan, name_inputs, run_exact, tensors_hash};
 
+use super::app::SubmitError;
 use super::validator::Validator;
 use crate::infer::ModelCache;
 use crate::replication::holds_model;
@@ -320,7 +321,8 @@ async fn step<E: Spawner + Supervisor>(
         }
         .sign(&config.key, ledger.chain_id());
         match validator.submit(tx) {
-            Ok(tx_id) => {
+            // A resubmission can find the same transaction still waiting: it is in.
+            Ok(tx_id) | Err(SubmitError::Duplicate(tx_id)) => {
                 debug!(task = %id, tx = %tx_id, "receipt submitted");
                 progress.submitted.insert(*id);
                 progress.next_nonce += 1;
@@ -356,7 +358,7 @@ async fn step<E: Spawner + Supervisor>(
         }
         .sign(&config.key, ledger.chain_id());
         match validator.submit(tx) {
-            Ok(tx_id) => {
+            Ok(tx_id) | Err(SubmitError::Duplicate(tx_id)) => {
                 info!(%model, tx = %tx_id, "replica confirmation submitted");
                 progress.confirmations.insert(model);
                 progress.next_nonce += 1;
