@@ -19,6 +19,8 @@ use vouch_node::chain::finality::{TaskProof, ValidatorSet};
 const NODES: usize = 4;
 /// Quorum inferences the test runs.
 const TASKS: usize = 100;
+/// Of those, how many send their input as a blob rather than inline.
+const BLOB_INPUTS: usize = 5;
 /// Blocks the executors have for a task: far more than a restart takes.
 const TASK_DEADLINE_BLOCKS: u64 = 5_000;
 const AMOUNT: u64 = 7;
@@ -483,7 +485,8 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
         ])
         .failed_with("eligible hosts, fewer than the 3 asked for");
 
-    // 100 quorum inferences sent to node 1; node 3 is SIGKILLed halfway. The other three keep
+    // 100 quorum inferences sent to node 1 (the last five with their inputs as blobs); node 3
+    // is SIGKILLed halfway. The other three keep
     // finalizing, and the devnet restarts node 3.
     let client1 = Client::new(&devnet.urls[1]).expect("client");
     let mut nonce = client1.chain_account(&dev.public_key()).await.expect("account")["nonce"]
@@ -496,15 +499,20 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
             signal(devnet.pids[3], "-KILL");
         }
         let input = digit_row(&digits, row);
+        let encoded = vouch_tensor::write_npz(std::slice::from_ref(&input)).expect("npz");
+        // The last few go as blobs uploaded to node 1, which executors fetch from their peers.
+        let input_ref = if row >= TASKS - BLOB_INPUTS {
+            vouch_ledger::InputRef::Blob(client1.put_blob_bytes(encoded).await.expect("uploaded").id)
+        } else {
+            vouch_ledger::InputRef::Inline(encoded)
+        };
         let request = Transaction {
             signer: dev.public_key(),
             nonce,
             fee: 1,
             body: TxBody::RequestInference {
                 model_id: parsed_id,
-                input: vouch_ledger::InputRef::Inline(
-                    vouch_tensor::write_npz(std::slice::from_ref(&input)).expect("npz"),
-                ),
+                input: input_ref,
                 input_hash: vouch_verify::tensors_hash(std::slice::from_ref(&input)),
                 k: 2,
                 max_fee: 20,
