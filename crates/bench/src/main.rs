@@ -7,8 +7,13 @@
 //!
 //! `engine`: inferences per second of Vouch float, Vouch exact and tract on the same inputs; run
 //! it with `scripts/bench-engine`, which adds onnxruntime and prints ratios.
+//!
+//! `network`: a 4-node devnet's finalized transfers and quorum inferences per second with their
+//! latencies, beside the ledger executing in-process and one node answering alone; run it with
+//! `scripts/bench-network`.
 
 mod engine;
+mod network;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -40,6 +45,9 @@ enum Bench {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Transfers and quorum inferences on a 4-node devnet, beside the ledger in-process and one
+    /// node answering alone.
+    Network(network::NetworkBench),
     /// Inferences per second of Vouch float, Vouch exact and tract (JSON lines).
     Engine {
         /// ONNX models whose inputs are batched along axis 0.
@@ -312,6 +320,7 @@ fn hub(size_mib: u64, runs: usize, dir: Option<PathBuf>) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Bench::Hub { size_mib, runs, dir } => hub(size_mib, runs, dir),
+        Bench::Network(bench) => network::run(&bench),
         Bench::Engine {
             model,
             calibration,
