@@ -99,6 +99,10 @@ struct NodeArgs {
     /// Where to listen for peers (default: this validator's p2p address in the genesis).
     #[arg(long, requires = "genesis")]
     p2p: Option<SocketAddr>,
+    /// Where to reach validators whose p2p address in the genesis no longer holds:
+    /// `PUBLIC_KEY@IP:PORT`, repeated or comma-separated (the others keep the genesis address).
+    #[arg(long, requires = "genesis", value_delimiter = ',')]
+    peers: Vec<PeerAddress>,
     /// Largest blob accepted, in bytes.
     #[arg(long, default_value_t = NodeLimits::default().max_upload_bytes)]
     max_upload_bytes: u64,
@@ -294,7 +298,7 @@ async fn run_node(args: &NodeArgs, json: bool) -> Result<()> {
     };
     limits.manifest.max_encoded_bytes = args.max_manifest_bytes;
     let chain = match &args.genesis {
-        Some(path) => Some(chain_options(path, args.p2p, &data_dir)?),
+        Some(path) => Some(chain_options(path, args.p2p, &args.peers, &data_dir)?),
         None => None,
     };
     let node = vouch_node::start(NodeConfig {
@@ -320,8 +324,35 @@ async fn run_node(args: &NodeArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Reads the genesis and finds where this node, as one of its validators, listens for peers.
-fn chain_options(path: &std::path::Path, p2p: Option<SocketAddr>, data_dir: &std::path::Path) -> Result<ChainOptions> {
+/// `PUBLIC_KEY@IP:PORT`: where one validator listens for peers.
+#[derive(Debug, Clone)]
+struct PeerAddress {
+    key: vouch_crypto::PublicKey,
+    address: SocketAddr,
+}
+
+impl std::str::FromStr for PeerAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (key, address) = text
+            .split_once('@')
+            .ok_or_else(|| format!("{text:?} is not PUBLIC_KEY@IP:PORT"))?;
+        Ok(Self {
+            key: key.parse().map_err(|_| format!("{key:?} is not a public key"))?,
+            address: address.parse().map_err(|_| format!("{address:?} is not IP:PORT"))?,
+        })
+    }
+}
+
+/// Reads the genesis and finds where this node, as one of its validators, listens for peers,
+/// and where it reaches the others.
+fn chain_options(
+    path: &std::path::Path,
+    p2p: Option<SocketAddr>,
+    peers: &[PeerAddress],
+    data_dir: &std::path::Path,
+) -> Result<ChainOptions> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let genesis = vouch_ledger::Genesis::from_json(&text).with_context(|| format!("{}", path.display()))?;
     let key_path = data_dir.join(vouch_node::NODE_KEY_FILE);
@@ -340,7 +371,22 @@ fn chain_options(path: &std::path::Path, p2p: Option<SocketAddr>, data_dir: &std
             )
         })?,
     };
-    Ok(ChainOptions { genesis, p2p_addr })
+    let mut peer_addresses = std::collections::BTreeMap::new();
+    for peer in peers {
+        if !genesis.validators.iter().any(|v| v.public_key == peer.key) {
+            bail!(
+                "--peers names {}, which is not a validator in {}",
+                peer.key,
+                path.display()
+            );
+        }
+        peer_addresses.insert(peer.key, peer.address);
+    }
+    Ok(ChainOptions {
+        genesis,
+        p2p_addr,
+        peer_addresses,
+    })
 }
 
 async fn wait_for_shutdown_signal() -> Result<()> {

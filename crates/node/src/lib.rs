@@ -104,6 +104,8 @@ pub struct ChainOptions {
     pub genesis: vouch_ledger::Genesis,
     /// Where the node listens for its peers.
     pub p2p_addr: SocketAddr,
+    /// Where to reach validators whose genesis p2p address no longer holds.
+    pub peer_addresses: std::collections::BTreeMap<vouch_crypto::PublicKey, SocketAddr>,
 }
 
 /// Errors starting a node.
@@ -205,6 +207,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                 genesis: options.genesis.clone(),
                 key: inference.key.clone(),
                 p2p_addr: options.p2p_addr,
+                peer_addresses: options.peer_addresses.clone(),
                 storage_dir: config.data_dir.join("chain"),
                 worker_threads: 2,
             };

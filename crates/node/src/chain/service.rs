@@ -38,6 +38,9 @@ pub struct ChainConfig {
     pub key: SecretKey,
     /// Where the validator listens for peers.
     pub p2p_addr: SocketAddr,
+    /// Where to reach validators whose genesis p2p address no longer holds (the genesis, and so
+    /// the chain id, cannot change).
+    pub peer_addresses: std::collections::BTreeMap<vouch_crypto::PublicKey, SocketAddr>,
     /// Where consensus and the ledger keep their files.
     pub storage_dir: PathBuf,
     /// Worker threads of the consensus runtime.
@@ -120,10 +123,13 @@ impl Drop for RunningChain {
 pub fn start(config: ChainConfig) -> Result<RunningChain, ChainError> {
     let mut peers = Vec::new();
     for validator in &config.genesis.validators {
-        let address: SocketAddr = validator.p2p_address.parse().map_err(|_| ChainError::PeerAddress {
-            key: validator.public_key,
-            address: validator.p2p_address.clone(),
-        })?;
+        let address = match config.peer_addresses.get(&validator.public_key) {
+            Some(address) => *address,
+            None => validator.p2p_address.parse().map_err(|_| ChainError::PeerAddress {
+                key: validator.public_key,
+                address: validator.p2p_address.clone(),
+            })?,
+        };
         peers.push((
             validator::consensus_public_key(&validator.public_key)?,
             Address::from(address),
