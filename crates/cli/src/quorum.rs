@@ -217,16 +217,11 @@ pub(crate) async fn infer(node: &str, key: &SecretKey, json_output: bool, args: 
     Ok(())
 }
 
-/// Whether `text` is a quorum receipt (a task proof) rather than a node's receipt.
-pub(crate) fn is_task_proof(text: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(text).is_ok_and(|value| value.get("task_id").is_some())
-}
-
 /// `vouch verify PROOF`: the certificate, the task record, the receipts' agreement, and with
 /// `--output` or `--input`, the outputs or a local re-execution.
-pub(crate) async fn verify(node: &str, json_output: bool, text: &[u8], args: &VerifyArgs) -> Result<()> {
+pub(crate) async fn verify(node: &str, json_output: bool, proof: serde_json::Value, args: &VerifyArgs) -> Result<()> {
     let proof: TaskProof =
-        serde_json::from_slice(text).with_context(|| format!("{} is not a quorum receipt", args.receipt.display()))?;
+        serde_json::from_value(proof).with_context(|| format!("{} is not a quorum receipt", args.receipt.display()))?;
     let client = Client::new(node)?;
     let (validators, trusted) = validator_set(&client, args.genesis.as_deref()).await?;
     proof.verify(&validators)?;

@@ -217,17 +217,20 @@ pub async fn verify(node: &str, json_output: bool, args: &VerifyArgs) -> Result<
         );
     }
     let text = std::fs::read(&args.receipt).with_context(|| format!("cannot read {}", args.receipt.display()))?;
-    if crate::quorum::is_task_proof(&text) {
-        return crate::quorum::verify(node, json_output, &text, args).await;
+    let value: serde_json::Value = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a receipt (not JSON)", args.receipt.display()))?;
+    // A quorum inference's receipt is its task proof, which names the task.
+    if value.get("task_id").is_some() {
+        return crate::quorum::verify(node, json_output, value, args).await;
     }
-    if text.len() as u64 > MAX_RECEIPT_BYTES {
+    if size > MAX_RECEIPT_BYTES {
         bail!(
             "{} is {size} bytes; a node's receipt is at most {MAX_RECEIPT_BYTES}",
             args.receipt.display()
         );
     }
     let receipt: Receipt =
-        serde_json::from_slice(&text).with_context(|| format!("{} is not a receipt", args.receipt.display()))?;
+        serde_json::from_value(value).with_context(|| format!("{} is not a receipt", args.receipt.display()))?;
     receipt.check_signature()?;
     let client = Client::new(node)?;
     let (_, manifest) = client
