@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use vouch_client::Client;
 use vouch_crypto::{Digest, PublicKey, SecretKey};
 use vouch_ledger::{BlockContext, Genesis, InputRef, Ledger, SignedTransaction, Transaction, TxBody, block_seed};
-use vouch_node::chain::finality::{TaskProof, ValidatorSet};
+use vouch_node::chain::finality::{TaskProof, ValidatorSet, check_outputs};
 use vouch_tensor::{NamedTensor, Tensor, TensorData, TensorLimits};
 use vouch_types::api::InferRequest;
 use vouch_types::{ModelId, VerifyLevel};
@@ -341,10 +341,7 @@ async fn quorum_inference(
     proof.verify(validators)?;
     let agreement = proof.agreement()?;
     let blob = client.chain_task_output(&task).await?;
-    let outputs = vouch_tensor::read_npz(&client.get_blob_bytes(&blob, 1 << 20).await?, &TensorLimits::default())?;
-    if vouch_verify::tensors_hash(&outputs) != agreement.output_hash {
-        bail!("task {task}: the outputs do not match the agreed hash");
-    }
+    check_outputs(&client.get_blob_bytes(&blob, 1 << 20).await?, &agreement.output_hash)?;
     Ok(())
 }
 

@@ -12,8 +12,8 @@ use vouch_client::Client;
 use vouch_crypto::{Digest, SecretKey};
 use vouch_ledger::tx::MAX_INLINE_INPUT_BYTES;
 use vouch_ledger::{Genesis, InputRef, TxBody};
-use vouch_node::chain::finality::{Agreement, TaskProof, ValidatorSet};
-use vouch_tensor::{NamedTensor, TensorLimits, TensorsJson, read_npz, write_npz, write_tensor_file};
+use vouch_node::chain::finality::{Agreement, TaskProof, ValidatorSet, check_outputs};
+use vouch_tensor::{NamedTensor, TensorsJson, write_npz, write_tensor_file};
 use vouch_types::ModelRef;
 use vouch_verify::{check_inputs, name_inputs, reexecute, tensors_hash};
 
@@ -103,15 +103,7 @@ async fn wait_closed(client: &Client, id: &Digest) -> Result<()> {
 async fn fetch_outputs(client: &Client, id: &Digest, agreement: &Agreement) -> Result<Vec<NamedTensor>> {
     let blob = client.chain_task_output(id).await?;
     let bytes = client.get_blob_bytes(&blob, MAX_OUTPUT_BYTES).await?;
-    let outputs = read_npz(&bytes, &TensorLimits::default()).context("the task's outputs do not decode")?;
-    let hash = tensors_hash(&outputs);
-    if hash != agreement.output_hash {
-        bail!(
-            "the outputs served hash to {hash}, but the executors agreed on {}",
-            agreement.output_hash
-        );
-    }
-    Ok(outputs)
+    Ok(check_outputs(&bytes, &agreement.output_hash)?)
 }
 
 /// `vouch infer REF --input FILE --verify quorum --k K`.

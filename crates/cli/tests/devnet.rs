@@ -395,8 +395,8 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
     let proof_path = dir.path().join("quorum.json");
     let proof_arg = proof_path.to_str().expect("utf8");
     let outputs_path = dir.path().join("quorum-out.npy");
-    let answer = dev_cli
-        .run(&[
+    let infer_quorum = |k: &str, extra: &[&str]| {
+        let mut args = vec![
             "infer",
             "acme/digits@1.0.0",
             "--input",
@@ -404,17 +404,26 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
             "--verify",
             "quorum",
             "--k",
-            "2",
+            k,
+        ];
+        args.extend_from_slice(extra);
+        dev_cli.run(&args)
+    };
+    let outputs_arg = outputs_path.to_str().expect("utf8");
+    let answer = infer_quorum(
+        "2",
+        &[
             "--genesis",
             genesis_arg,
             "--receipt",
             proof_arg,
             "-o",
-            outputs_path.to_str().expect("utf8"),
+            outputs_arg,
             "--json",
-        ])
-        .ok()
-        .json();
+        ],
+    )
+    .ok()
+    .json();
     assert_eq!(answer["executors"].as_array().map(Vec::len), Some(2));
     let local = dev_cli
         .run(&[
@@ -441,7 +450,7 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
             "--input",
             one_digit_arg,
             "--output",
-            outputs_path.to_str().expect("utf8"),
+            outputs_arg,
         ])
         .ok();
     // A proof edited after the fact, or checked against another chain's validators, fails.
@@ -472,18 +481,7 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
         .run(&["verify", proof_arg, "--genesis", stranger_path.to_str().expect("utf8")])
         .failed_with("the proof is for chain");
     // Asking for more executors than host the model is refused before anything is paid.
-    dev_cli
-        .run(&[
-            "infer",
-            "acme/digits@1.0.0",
-            "--input",
-            one_digit_arg,
-            "--verify",
-            "quorum",
-            "--k",
-            "3",
-        ])
-        .failed_with("eligible hosts, fewer than the 3 asked for");
+    infer_quorum("3", &[]).failed_with("eligible hosts, fewer than the 3 asked for");
 
     // 100 quorum inferences sent to node 1 (the last five with their inputs as blobs); node 3
     // is SIGKILLed halfway. The other three keep

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use vouch_crypto::Digest;
 use vouch_ledger::state::{Record, TaskRecord, TaskStatus, task_key};
 use vouch_ledger::{BlockHeader, Genesis, ProofError, StateProof};
+use vouch_tensor::{NamedTensor, TensorLimits, read_npz};
 use vouch_types::VerifyLevel;
+use vouch_verify::tensors_hash;
 
 use super::Scheme;
 use super::block::{from_chain_digest, to_chain_digest};
@@ -102,6 +104,17 @@ pub enum FinalityError {
         task: Digest,
         /// Where it stands.
         status: TaskStatus,
+    },
+    /// The outputs served for a task do not decode as `.npz`.
+    #[error("the task's outputs do not decode: {0}")]
+    Outputs(String),
+    /// The outputs served for a task are not the ones its receipts name.
+    #[error("the outputs served hash to {computed}, but the executors agreed on {agreed}")]
+    OutputHash {
+        /// The hash of the outputs served.
+        computed: Digest,
+        /// The hash the receipts name.
+        agreed: Digest,
     },
     /// A receipt of a finalized task does not hold up on its own.
     #[error("receipt {index} of task {task}: {reason}")]
@@ -287,5 +300,46 @@ impl TaskProof {
             trace_root: first.trace_root,
             plan_id: first.plan_id,
         })
+    }
+}
+
+/// Decodes a task's outputs blob (an `.npz`, as executors keep it) and checks that it hashes to
+/// `output_hash`, the hash a receipt names.
+pub fn check_outputs(npz: &[u8], output_hash: &Digest) -> Result<Vec<NamedTensor>, FinalityError> {
+    let outputs = read_npz(npz, &TensorLimits::default()).map_err(|error| FinalityError::Outputs(error.to_string()))?;
+    let computed = tensors_hash(&outputs);
+    if computed != *output_hash {
+        return Err(FinalityError::OutputHash {
+            computed,
+            agreed: *output_hash,
+        });
+    }
+    Ok(outputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use vouch_tensor::{Tensor, TensorData, write_npz};
+
+    use super::*;
+
+    #[test]
+    fn outputs_are_accepted_only_under_the_hash_the_receipts_name() {
+        let outputs = vec![NamedTensor {
+            name: Some("logits".into()),
+            tensor: Tensor::new(vec![1, 3], TensorData::F32(vec![0.5, -1.0, 2.0])).expect("tensor"),
+        }];
+        let npz = write_npz(&outputs).expect("npz");
+        let hash = tensors_hash(&outputs);
+        assert_eq!(check_outputs(&npz, &hash).expect("the agreed outputs"), outputs);
+        let other = Digest::of("other", b"outputs");
+        assert!(matches!(
+            check_outputs(&npz, &other),
+            Err(FinalityError::OutputHash { computed, agreed }) if computed == hash && agreed == other
+        ));
+        assert!(matches!(
+            check_outputs(b"not an npz", &hash),
+            Err(FinalityError::Outputs(_))
+        ));
     }
 }
