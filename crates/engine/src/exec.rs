@@ -5,6 +5,7 @@
 //! different orders, and the exactness tests check they agree.
 
 mod indexing;
+mod kernels;
 
 use std::collections::HashMap;
 
@@ -12,6 +13,7 @@ use vouch_tensor::{DType, NamedTensor, Tensor, TensorData};
 
 use crate::fixed::{ACTIVATION_MAX, Multiplier, div_round, quantize_f32_bits, saturate};
 use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim, Window};
+use kernels::{GatherMap, PairedRows, Panels, product_sums};
 
 /// Entries of a lookup table: one for each activation from -32767 to 32767.
 pub const LOOKUP_ENTRIES: usize = 2 * ACTIVATION_MAX as usize + 1;
@@ -45,8 +47,9 @@ impl ITensor {
 pub struct ExecOptions {
     /// Worker threads for the large kernels (1 runs everything on the caller's thread).
     pub threads: usize,
-    /// Use the lane-blocked kernels that the compiler turns into SIMD instructions; `false` uses
-    /// plain one-element-at-a-time loops that add in a different order.
+    /// Use the register-blocked product kernels (AVX2 when the CPU has it, chosen at run time,
+    /// else portable code the compiler vectorizes); `false` uses plain one-product-at-a-time
+    /// loops that add in a different order.
     pub simd: bool,
     /// Most elements any one value may have (broadcasting can multiply sizes).
     pub max_elements: usize,
@@ -361,7 +364,8 @@ fn run_instr(instr: &Instr, operands: &[&ITensor], options: &ExecOptions) -> Res
             let x = operands[0];
             Ok(ITensor {
                 shape: x.shape.clone(),
-                data: x.data.iter().map(|v| (*v).clamp(*low, *high)).collect(),
+                // `max` then `min` (not `clamp`, whose check stays in the loop) vectorizes.
+                data: x.data.iter().map(|v| (*v).max(*low).min(*high)).collect(),
             })
         }
         Instr::Lookup { table, .. } => {
@@ -641,48 +645,110 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     if w.weights.len() != w.c_out * row || w.bias.len() != w.c_out || w.requant.len() != w.c_out {
         return Err("weight, bias and requantization sizes disagree".into());
     }
-    let operands = product_operands(&x.data)?;
-    let weights = widen_weights(w.weights);
+    check_operands(&x.data)?;
     let mut shape = vec![batch, w.c_out];
     shape.extend_from_slice(&geometry.out_spatial);
     element_count(&shape, options)?;
     element_count(&[geometry.out_positions, row], options)?;
-    let positions = geometry.out_positions;
-    let dot = if options.simd { dot_lanes } else { dot_scalar };
-    let mut data = vec![0i32; batch * w.c_out * positions];
-    let mut patches = vec![0i16; positions * row];
-    for n in 0..batch {
-        for g in 0..group {
-            // im2col: one row of `cig * taps` inputs per output position; padding reads 0, which
-            // is exact because quantization is symmetric.
-            for (p, patch) in patches.chunks_mut(row.max(1)).enumerate().take(positions) {
-                for ci in 0..cig {
-                    let channel =
-                        &operands[(n * w.c_in + g * cig + ci) * geometry.in_positions..][..geometry.in_positions];
-                    let reads = &geometry.reads[p * geometry.taps..(p + 1) * geometry.taps];
-                    for (slot, read) in patch[ci * geometry.taps..(ci + 1) * geometry.taps]
-                        .iter_mut()
-                        .zip(reads)
-                    {
-                        *slot = if *read == PADDING { 0 } else { channel[*read] };
-                    }
-                }
+    let (positions, taps) = (geometry.out_positions, geometry.taps);
+    let group_weights: Vec<PairedRows> = (0..group)
+        .map(|g| PairedRows::build(cog, row, |o, kk| i16::from(w.weights[(g * cog + o) * row + kk])))
+        .collect();
+    // im2col as one gather per image and group: column `p` holds the `cig * taps` inputs that
+    // output position `p` reads, from the group's channels; padding reads 0, which is exact
+    // because quantization is symmetric.
+    let group_inputs = cig * geometry.in_positions;
+    if group_inputs >= u32::MAX as usize {
+        return Err(format!("{group_inputs} inputs per group are too many to index"));
+    }
+    let map = GatherMap::new(positions, row, |p, kk| {
+        let read = geometry.reads[p * taps + kk % taps];
+        (read != PADDING).then(|| (kk / taps) * geometry.in_positions + read)
+    });
+    let image_size = w.c_out * positions;
+    let mut data = vec![0i32; batch * image_size];
+    let work = batch.saturating_mul(image_size).saturating_mul(row);
+    for_each_chunk(&mut data, image_size, work, options.threads, |first_image, chunk| {
+        let mut patches = Panels::zeroed(positions, row);
+        for (local, out) in chunk.chunks_exact_mut(image_size).enumerate() {
+            for (g, weights) in group_weights.iter().enumerate() {
+                let first_input = ((first_image + local) * w.c_in + g * cig) * geometry.in_positions;
+                patches.gather(&map, &x.data[first_input..first_input + group_inputs]);
+                let channels = g * cog..(g + 1) * cog;
+                let mut sink = RequantizeInto {
+                    out: &mut out[channels.start * positions..channels.end * positions],
+                    stride: positions,
+                    first_row: 0,
+                    bias: &w.bias[channels.clone()],
+                    requant: &w.requant[channels],
+                    per_row: true,
+                };
+                product_sums(weights, 0..cog, &patches, options.simd, &mut sink);
             }
-            let first = n * w.c_out + g * cog;
-            let out = &mut data[first * positions..(first + cog) * positions];
-            let patches = &patches;
-            let channel = |o: usize, out: &mut [i32]| {
-                let oc = g * cog + o;
-                let weights = &weights[oc * row..(oc + 1) * row];
-                for (p, slot) in out.iter_mut().enumerate() {
-                    let acc = dot(&patches[p * row..(p + 1) * row], weights) + w.bias[oc];
-                    *slot = saturate(w.requant[oc].apply(acc));
-                }
-            };
-            for_each_row(out, positions, cog * positions * row, options.threads, channel);
+        }
+    });
+    Ok(ITensor { shape, data })
+}
+
+/// Writes a product layer's sums, requantized, into rows of `stride` elements (starting at row
+/// `first_row`), with one bias and multiplier per row (a convolution's output channels) or per
+/// column (a dense layer's).
+struct RequantizeInto<'a> {
+    out: &'a mut [i32],
+    stride: usize,
+    first_row: usize,
+    bias: &'a [i64],
+    requant: &'a [Multiplier],
+    per_row: bool,
+}
+
+impl kernels::Sink for RequantizeInto<'_> {
+    #[inline(always)]
+    fn take(&mut self, row: usize, first_col: usize, sums: &[i64]) {
+        let out = &mut self.out[(row - self.first_row) * self.stride + first_col..][..sums.len()];
+        if self.per_row {
+            requantize_run(out, sums, self.bias[row], self.requant[row]);
+        } else {
+            let channels = first_col..first_col + sums.len();
+            for (((slot, sum), bias), requant) in out
+                .iter_mut()
+                .zip(sums)
+                .zip(&self.bias[channels.clone()])
+                .zip(&self.requant[channels])
+            {
+                *slot = requantize(*sum, *bias, *requant);
+            }
         }
     }
-    Ok(ITensor { shape, data })
+}
+
+/// Requantizes sums of one channel (one bias and multiplier) into `out`, as [`requantize`] does;
+/// when every value fits the 64-bit form, in one loop the compiler can vectorize.
+#[inline(always)]
+fn requantize_run(out: &mut [i32], sums: &[i64], bias: i64, requant: Multiplier) {
+    let in_i32 = |s: &i64| i32::try_from(s.saturating_add(bias)).is_ok();
+    if let Ok(m) = i32::try_from(requant.m)
+        && (1..63).contains(&requant.shift)
+        && sums.iter().all(in_i32)
+    {
+        // The same formula as `Multiplier::apply`'s 64-bit path: |sum * m| < 2^62.
+        let (m, shift) = (i64::from(m), requant.shift);
+        let half = 1i64 << (shift - 1);
+        for (slot, sum) in out.iter_mut().zip(sums) {
+            *slot = (((sum + bias) * m + half) >> shift).clamp(-ACTIVATION_MAX, ACTIVATION_MAX) as i32;
+        }
+        return;
+    }
+    for (slot, sum) in out.iter_mut().zip(sums) {
+        *slot = requantize(*sum, bias, requant);
+    }
+}
+
+/// A product layer's output: the sum plus the bias, rescaled and saturated. (A bias that would
+/// overflow 64 bits saturates: a plan cannot make a debug and a release build disagree.)
+#[inline]
+fn requantize(sum: i64, bias: i64, requant: Multiplier) -> i32 {
+    saturate(requant.apply(sum.saturating_add(bias)))
 }
 
 /// Max pooling (`average: None`) or average pooling (`Some(count_include_pad)`).
@@ -693,6 +759,22 @@ fn pool(x: &ITensor, window: &Window, average: Option<bool>, options: &ExecOptio
     shape.extend_from_slice(&geometry.out_spatial);
     element_count(&shape, options)?;
     let mut data = Vec::with_capacity(planes * geometry.out_positions);
+    if !geometry.reads.contains(&PADDING) {
+        // Every window lies inside: no read to skip, and every average divides by the taps.
+        let taps = geometry.taps.max(1);
+        for plane in x.data.chunks(geometry.in_positions.max(1)).take(planes) {
+            for reads in geometry.reads.chunks_exact(taps).take(geometry.out_positions) {
+                data.push(match average {
+                    None => reads.iter().fold(i32::MIN, |m, r| m.max(plane[*r])),
+                    Some(_) => {
+                        let sum = reads.iter().fold(0i64, |s, r| s + i64::from(plane[*r]));
+                        saturate(div_round(sum, taps as i64))
+                    }
+                });
+            }
+        }
+        return Ok(ITensor { shape, data });
+    }
     for plane in x.data.chunks(geometry.in_positions.max(1)).take(planes) {
         for reads in geometry.reads.chunks(geometry.taps.max(1)).take(geometry.out_positions) {
             let inside = reads.iter().filter(|r| **r != PADDING).map(|r| plane[*r]);
@@ -756,21 +838,13 @@ fn dot_scalar(x: &[i16], w: &[i16]) -> i64 {
     sum
 }
 
-/// Sums `x[k] * w[k]` exactly in `i32` over blocks of at most 512 products, then widens. A product
-/// of an activation and an int8 weight is at most 32767 * 127 < 2^22, so a block's sum stays below
-/// 2^31; the compiler vectorizes the block (into multiply-add instructions on 16-bit pairs), and
-/// integer addition in any order gives the same sum.
-fn dot_lanes(x: &[i16], w: &[i16]) -> i64 {
-    const BLOCK: usize = 512;
-    let mut total = 0i64;
-    for (xb, wb) in x.chunks(BLOCK).zip(w.chunks(BLOCK)) {
-        let mut sum = 0i32;
-        for (a, b) in xb.iter().zip(wb) {
-            sum += i32::from(*a) * i32::from(*b);
-        }
-        total += i64::from(sum);
+/// Checks that every value is an activation, as [`product_operands`] does, without converting.
+fn check_operands(values: &[i32]) -> Result<(), String> {
+    let limit = ACTIVATION_MAX as u32;
+    if values.iter().all(|v| v.unsigned_abs() <= limit) {
+        return Ok(());
     }
-    total
+    product_operands(values).map(|_| ())
 }
 
 /// Activations as 16-bit operands of a product, refusing any value outside the activation range
@@ -786,12 +860,6 @@ fn product_operands(values: &[i32]) -> Result<Vec<i16>, String> {
                 .ok_or_else(|| format!("operand value {v} is outside the activation range"))
         })
         .collect()
-}
-
-/// Weights as 16-bit operands, once per call: widening them inside the dot product instead
-/// measured slower (`scripts/bench-engine`, batch-32 MLP: 0.66 M against 0.82 M inferences/s).
-fn widen_weights(weights: &[i8]) -> Vec<i16> {
-    weights.iter().map(|w| i16::from(*w)).collect()
 }
 
 fn dense(
@@ -815,20 +883,25 @@ fn dense(
     }
     element_count(&shape, options)?;
     let operands = product_operands(&x.data)?;
-    let weights = widen_weights(weights);
     let rows = x.data.len().checked_div(k).unwrap_or(0);
-    let dot = if options.simd { dot_lanes } else { dot_scalar };
-    let row = |r: usize, out: &mut [i32]| {
-        let xr = &operands[r * k..(r + 1) * k];
-        for (j, slot) in out.iter_mut().enumerate() {
-            let acc = dot(xr, &weights[j * k..(j + 1) * k]) + bias[j];
-            *slot = saturate(requant[j].apply(acc));
-        }
-    };
-    Ok(ITensor {
-        shape,
-        data: product_rows(rows, n, k, options.threads, row),
-    })
+    let (a, b) = (
+        PairedRows::from_row_major(&operands, rows, k),
+        Panels::from_weights(weights, n, k),
+    );
+    let mut data = vec![0i32; rows * n];
+    for_each_chunk(&mut data, n, rows * n * k, options.threads, |first, chunk| {
+        let count = chunk.len() / n.max(1);
+        let mut sink = RequantizeInto {
+            out: chunk,
+            stride: n,
+            first_row: first,
+            bias,
+            requant,
+            per_row: false,
+        };
+        product_sums(&a, first..first + count, &b, options.simd, &mut sink);
+    });
+    Ok(ITensor { shape, data })
 }
 
 /// `rows` rows of `n` outputs, each a sum of `k` products, filled by `row` on up to `threads` threads.
@@ -842,12 +915,22 @@ fn product_rows(rows: usize, n: usize, k: usize, threads: usize, row: impl Fn(us
 /// when the `work` (products computed) is worth starting them for. Rows are independent, so the
 /// split cannot change a bit.
 fn for_each_row(out: &mut [i32], width: usize, work: usize, threads: usize, fill: impl Fn(usize, &mut [i32]) + Sync) {
+    for_each_chunk(out, width, work, threads, |first, chunk| {
+        for (i, row) in chunk.chunks_mut(width.max(1)).enumerate() {
+            fill(first + i, row);
+        }
+    });
+}
+
+/// Fills `out`, rows of `width` elements, with `fill(first row index, whole rows)` over one chunk
+/// of rows per thread, on up to `threads` threads when the `work` is worth starting them for.
+fn for_each_chunk(out: &mut [i32], width: usize, work: usize, threads: usize, fill: impl Fn(usize, &mut [i32]) + Sync) {
     let rows = out.len().checked_div(width).unwrap_or(0);
     let threads = threads.clamp(1, rows.max(1));
     // Below about a quarter of a million products, starting threads costs more than it saves.
     if threads == 1 || work < (1 << 18) || width == 0 {
-        for (r, row) in out.chunks_mut(width.max(1)).enumerate().take(rows) {
-            fill(r, row);
+        if width > 0 {
+            fill(0, out);
         }
         return;
     }
@@ -855,11 +938,7 @@ fn for_each_row(out: &mut [i32], width: usize, work: usize, threads: usize, fill
     std::thread::scope(|scope| {
         for (chunk_index, chunk) in out.chunks_mut(rows_per_thread * width).enumerate() {
             let fill = &fill;
-            scope.spawn(move || {
-                for (i, row) in chunk.chunks_mut(width).enumerate() {
-                    fill(chunk_index * rows_per_thread + i, row);
-                }
-            });
+            scope.spawn(move || fill(chunk_index * rows_per_thread, chunk));
         }
     });
 }
@@ -899,12 +978,29 @@ fn broadcast(a: &ITensor, b: &ITensor, options: &ExecOptions, f: impl Fn(i32, i3
         strides
     };
     let (ta, tb) = (strides(&sa), strides(&sb));
-    let mut index = vec![0usize; rank];
     let mut data = Vec::with_capacity(count);
+    if rank == 0 || count == 0 {
+        data.extend(a.data.iter().zip(&b.data).map(|(x, y)| f(*x, *y)).take(count));
+        return Ok(ITensor { shape, data });
+    }
+    // Row by row along the last axis, each row one loop over contiguous (or repeated) elements.
+    let last = rank - 1;
+    let width = shape[last];
+    let mut index = vec![0usize; last];
     let (mut oa, mut ob) = (0usize, 0usize);
-    for _ in 0..count {
-        data.push(f(a.data[oa], b.data[ob]));
-        for axis in (0..rank).rev() {
+    for _ in 0..count / width {
+        match (ta[last], tb[last]) {
+            (0, 0) => data.extend(std::iter::repeat_n(f(a.data[oa], b.data[ob]), width)),
+            (0, _) => data.extend(b.data[ob..ob + width].iter().map(|y| f(a.data[oa], *y))),
+            (_, 0) => data.extend(a.data[oa..oa + width].iter().map(|x| f(*x, b.data[ob]))),
+            _ => data.extend(
+                a.data[oa..oa + width]
+                    .iter()
+                    .zip(&b.data[ob..ob + width])
+                    .map(|(x, y)| f(*x, *y)),
+            ),
+        }
+        for axis in (0..last).rev() {
             index[axis] += 1;
             oa += ta[axis];
             ob += tb[axis];
@@ -1145,9 +1241,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn dot_kernels_agree(pairs in proptest::collection::vec((-32767i16..=32767, -127i16..=127), 0..3000)) {
-            let (x, w): (Vec<i16>, Vec<i16>) = pairs.into_iter().unzip();
-            prop_assert_eq!(dot_scalar(&x, &w), dot_lanes(&x, &w));
+        fn activation_dot_kernels_agree(pairs in proptest::collection::vec((-32767i16..=32767, -32767i16..=32767), 0..3000)) {
+            let (x, y): (Vec<i16>, Vec<i16>) = pairs.into_iter().unzip();
+            prop_assert_eq!(dot_scalar(&x, &y), dot_pairs(&x, &y));
         }
     }
 
@@ -1232,13 +1328,12 @@ mod tests {
     }
 
     #[test]
-    fn dot_kernels_do_not_overflow_at_the_extremes() {
-        for len in [511, 512, 513, 5000] {
-            let x = vec![-32767i16; len];
-            let w = vec![127i16; len];
-            let expected = -32767i64 * 127 * len as i64;
-            assert_eq!(dot_lanes(&x, &w), expected);
-            assert_eq!(dot_scalar(&x, &w), expected);
+    fn activation_dot_kernels_do_not_overflow_at_the_extremes() {
+        for len in [1, 2, 511, 5000] {
+            let (x, y) = (vec![-32767i16; len], vec![32767i16; len]);
+            let expected = -32767i64 * 32767 * len as i64;
+            assert_eq!(dot_pairs(&x, &y), expected);
+            assert_eq!(dot_scalar(&x, &y), expected);
         }
     }
 

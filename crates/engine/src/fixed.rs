@@ -61,6 +61,18 @@ impl Multiplier {
     /// `floor(x * m / 2^shift + 1/2)`, exactly.
     #[inline]
     pub fn apply(self, x: i64) -> i64 {
+        // The common case in 64 bits: with |x| and |m| at most 2^31 the product stays within 2^62
+        // and the rounding half within 2^61, so nothing overflows and the value is the same.
+        if let (Ok(x), Ok(m)) = (i32::try_from(x), i32::try_from(self.m))
+            && self.shift < 63
+        {
+            let product = i64::from(x) * i64::from(m);
+            return if self.shift == 0 {
+                product
+            } else {
+                (product + (1i64 << (self.shift - 1))) >> self.shift
+            };
+        }
         let product = i128::from(x) * i128::from(self.m);
         if self.shift == 0 {
             return clamp_i128(product);
@@ -84,6 +96,16 @@ pub fn saturate(x: i64) -> i32 {
 #[inline]
 pub fn div_round(n: i64, d: i64) -> i64 {
     debug_assert!(d > 0);
+    if let (Some(twice_n), Some(twice_d)) = (n.checked_mul(2), d.checked_mul(2))
+        && let Some(numerator) = twice_n.checked_add(d)
+    {
+        // The same floor in 64 bits; a power-of-two divisor (a 2x2 average) is a shift.
+        return if twice_d.count_ones() == 1 {
+            numerator >> twice_d.trailing_zeros()
+        } else {
+            numerator.div_euclid(twice_d)
+        };
+    }
     // floor((2n + d) / 2d), with Euclidean division giving the floor for a positive divisor.
     (2 * i128::from(n) + i128::from(d)).div_euclid(2 * i128::from(d)) as i64
 }
@@ -112,9 +134,17 @@ pub fn quantize_f32_bits(bits: u32, inverse_scale: Multiplier) -> i32 {
         (raw_mantissa | (1 << 23), raw_exponent)
     };
     let signed = if negative { -mantissa } else { mantissa };
-    let product = signed * i128::from(inverse_scale.m);
     // value = product * 2^(exponent - 150 - shift)
     let right = 150 + i64::from(inverse_scale.shift) - exponent;
+    if let Ok(m) = i32::try_from(inverse_scale.m)
+        && (1..63).contains(&right)
+    {
+        // The common case in 64 bits: |mantissa * m| < 2^55, so the rounding add cannot overflow.
+        let product = signed as i64 * i64::from(m);
+        let scaled = (product + (1i64 << (right - 1))) >> right;
+        return scaled.clamp(-ACTIVATION_MAX, ACTIVATION_MAX) as i32;
+    }
+    let product = signed * i128::from(inverse_scale.m);
     let scaled = if right <= 0 {
         // A left shift of more than ~40 bits saturates anyway.
         if right < -40 {
@@ -152,6 +182,17 @@ mod tests {
         assert_eq!(div_round(-8, 3), -3);
     }
 
+    proptest! {
+        #[test]
+        fn rounded_division_matches_the_wide_formula(
+            n in prop_oneof![any::<i64>(), -100_000i64..100_000],
+            d in prop_oneof![1i64..=i64::MAX, 1i64..40, (0u32..62).prop_map(|e| 1i64 << e)],
+        ) {
+            let wide = (2 * i128::from(n) + i128::from(d)).div_euclid(2 * i128::from(d)) as i64;
+            prop_assert_eq!(div_round(n, d), wide);
+        }
+    }
+
     #[test]
     fn multiplier_is_close_to_its_factor() {
         for factor in [1.0, 0.5, 3.0e-7, 0.999_999, 1234.5, 1.0e-18] {
@@ -175,6 +216,62 @@ mod tests {
             let reference = (f64::from(x) * inverse_scale.to_f64()).clamp(-32767.0, 32767.0);
             prop_assert!((f64::from(q) - reference).abs() <= 0.5 + 1e-6, "x={x} q={q} reference={reference}");
         }
+    }
+
+    /// The formula the fast paths must equal, in 128 bits throughout.
+    fn apply_wide(multiplier: Multiplier, x: i64) -> i64 {
+        let product = i128::from(x) * i128::from(multiplier.m);
+        let rounded = if multiplier.shift == 0 {
+            product
+        } else {
+            (product + (1i128 << (multiplier.shift - 1))) >> multiplier.shift
+        };
+        clamp_i128(rounded)
+    }
+
+    proptest! {
+        #[test]
+        fn applying_a_multiplier_matches_the_wide_formula(
+            x in prop_oneof![any::<i64>(), -(1i64 << 31)..=(1i64 << 31), -70_000i64..70_000],
+            m in prop_oneof![any::<i64>(), 0i64..(1 << 31), -(1i64 << 31)..=(1i64 << 31)],
+            shift in 0u32..=Multiplier::MAX_SHIFT,
+        ) {
+            let multiplier = Multiplier { m, shift };
+            prop_assert_eq!(multiplier.apply(x), apply_wide(multiplier, x));
+        }
+
+        #[test]
+        fn quantizing_agrees_with_the_wide_formula_on_any_bits(bits in any::<u32>(), m in 0i64..(1 << 31), shift in 0u32..=Multiplier::MAX_SHIFT) {
+            let inverse_scale = Multiplier { m, shift };
+            let x = f32::from_bits(bits);
+            prop_assume!(!x.is_nan());
+            prop_assert_eq!(quantize_f32_bits(bits, inverse_scale), quantize_wide(bits, inverse_scale));
+        }
+    }
+
+    /// Quantization in 128 bits throughout, from the float's exact value as a fraction.
+    fn quantize_wide(bits: u32, inverse_scale: Multiplier) -> i32 {
+        let x = f32::from_bits(bits);
+        if x.is_infinite() {
+            return if x < 0.0 { -32767 } else { 32767 };
+        }
+        let raw_exponent = i64::from((bits >> 23) & 0xff);
+        let mantissa = i128::from(bits & 0x7f_ffff) | if raw_exponent == 0 { 0 } else { 1 << 23 };
+        let signed = if bits >> 31 == 1 { -mantissa } else { mantissa };
+        let right = 150 + i64::from(inverse_scale.shift) - raw_exponent.max(1);
+        let product = signed * i128::from(inverse_scale.m);
+        let scaled = if right <= 0 {
+            // |product| < 2^55 and a left shift of up to 2^8: saturate through a checked shift.
+            product
+                .checked_mul(1i128 << (-right).min(70))
+                .unwrap_or(product.signum() * i128::MAX)
+        } else if right >= 127 {
+            // |product| < 2^55: far below one half.
+            0
+        } else {
+            (product + (1i128 << (right - 1))) >> right
+        };
+        scaled.clamp(-32767, 32767) as i32
     }
 
     #[test]
