@@ -882,10 +882,10 @@ fn dense(
         *last = n;
     }
     element_count(&shape, options)?;
-    let operands = product_operands(&x.data)?;
+    check_operands(&x.data)?;
     let rows = x.data.len().checked_div(k).unwrap_or(0);
     let (a, b) = (
-        PairedRows::from_row_major(&operands, rows, k),
+        PairedRows::from_row_major(&x.data, rows, k),
         Panels::from_weights(weights, n, k),
     );
     let mut data = vec![0i32; rows * n];

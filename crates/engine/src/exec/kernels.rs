@@ -52,12 +52,13 @@ impl PairedRows {
         Self { rows, pairs, data }
     }
 
-    /// Row-major `rows x k` operands.
-    pub(super) fn from_row_major(values: &[i16], rows: usize, k: usize) -> Self {
+    /// Row-major `rows x k` activations, already checked to be 16-bit operands (packed straight
+    /// from the plan's values, without a converted copy).
+    pub(super) fn from_row_major(values: &[i32], rows: usize, k: usize) -> Self {
         if k.is_multiple_of(2) {
             let data = values[..rows * k]
                 .chunks_exact(2)
-                .map(|p| pack_pair(p[0], p[1]))
+                .map(|p| pack_pair(p[0] as i16, p[1] as i16))
                 .collect();
             return Self {
                 rows,
@@ -65,7 +66,7 @@ impl PairedRows {
                 data,
             };
         }
-        Self::build(rows, k, |row, kk| values[row * k + kk])
+        Self::build(rows, k, |row, kk| values[row * k + kk] as i16)
     }
 
     fn row(&self, row: usize) -> &[i32] {
@@ -344,6 +345,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn widen(values: &[i16]) -> Vec<i32> {
+        values.iter().map(|v| i32::from(*v)).collect()
+    }
+
     fn direct(a: &[i16], b: &[i8], rows: usize, cols: usize, k: usize) -> Vec<i64> {
         let mut out = Vec::new();
         for r in 0..rows {
@@ -400,7 +405,7 @@ mod tests {
             };
             let a: Vec<i16> = (0..rows * k).map(|_| next(32767) as i16).collect();
             let b: Vec<i8> = (0..cols * k).map(|_| next(127) as i8).collect();
-            let (paired, panels) = (PairedRows::from_row_major(&a, rows, k), Panels::from_weights(&b, cols, k));
+            let (paired, panels) = (PairedRows::from_row_major(&widen(&a), rows, k), Panels::from_weights(&b, cols, k));
             let expected = direct(&a, &b, rows, cols, k);
             for kernel in ["scalar", "portable", "best"] {
                 prop_assert_eq!(&run(&paired, &panels, rows, cols, kernel), &expected, "{}", kernel);
@@ -413,7 +418,10 @@ mod tests {
         for k in [511, 512, 513, 1024, 5000] {
             let a = vec![-32767i16; 5 * k];
             let b = vec![127i8; 17 * k];
-            let (paired, panels) = (PairedRows::from_row_major(&a, 5, k), Panels::from_weights(&b, 17, k));
+            let (paired, panels) = (
+                PairedRows::from_row_major(&widen(&a), 5, k),
+                Panels::from_weights(&b, 17, k),
+            );
             let expected = vec![-32767i64 * 127 * k as i64; 5 * 17];
             for kernel in ["scalar", "portable", "best"] {
                 assert_eq!(run(&paired, &panels, 5, 17, kernel), expected, "{kernel} k={k}");
