@@ -343,8 +343,16 @@ fn run_instr(instr: &Instr, operands: &[&ITensor], options: &ExecOptions) -> Res
             weights,
             bias,
             requant,
+            low,
+            high,
             ..
-        } => dense(operands[0], *k as usize, *n as usize, weights, bias, requant, options),
+        } => dense(
+            operands[0],
+            *k as usize,
+            *n as usize,
+            &Channels::new(weights, bias, requant, *low, *high)?,
+            options,
+        ),
         Instr::AddSub {
             scale_a,
             scale_b,
@@ -428,6 +436,8 @@ fn run_instr(instr: &Instr, operands: &[&ITensor], options: &ExecOptions) -> Res
             weights,
             bias,
             requant,
+            low,
+            high,
             ..
         } => conv(
             operands[0],
@@ -436,9 +446,7 @@ fn run_instr(instr: &Instr, operands: &[&ITensor], options: &ExecOptions) -> Res
                 group: *group as usize,
                 c_in: *c_in as usize,
                 c_out: *c_out as usize,
-                weights,
-                bias,
-                requant,
+                channels: Channels::new(weights, bias, requant, *low, *high)?,
             },
             options,
         ),
@@ -620,15 +628,42 @@ fn increment(index: &mut [usize], dims: &[usize]) {
     }
 }
 
+/// A product layer's constants: int8 weights, a bias and a requantization per output channel,
+/// and the range its outputs are clamped to.
+#[derive(Clone, Copy)]
+struct Channels<'a> {
+    weights: &'a [i8],
+    bias: &'a [i64],
+    requant: &'a [Multiplier],
+    low: i32,
+    high: i32,
+}
+
+impl<'a> Channels<'a> {
+    fn new(weights: &'a [i8], bias: &'a [i64], requant: &'a [Multiplier], low: i32, high: i32) -> Result<Self, String> {
+        let limit = ACTIVATION_MAX as i32;
+        if !(-limit <= low && low <= high && high <= limit) {
+            return Err(format!(
+                "output range {low}..={high} is empty or outside the activations"
+            ));
+        }
+        Ok(Self {
+            weights,
+            bias,
+            requant,
+            low,
+            high,
+        })
+    }
+}
+
 /// The constant operands of a convolution.
 struct ConvWeights<'a> {
     window: &'a Window,
     group: usize,
     c_in: usize,
     c_out: usize,
-    weights: &'a [i8],
-    bias: &'a [i64],
-    requant: &'a [Multiplier],
+    channels: Channels<'a>,
 }
 
 fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITensor, String> {
@@ -642,7 +677,8 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     }
     let (cig, cog) = (w.c_in / group, w.c_out / group);
     let row = cig * geometry.taps;
-    if w.weights.len() != w.c_out * row || w.bias.len() != w.c_out || w.requant.len() != w.c_out {
+    let channels = &w.channels;
+    if channels.weights.len() != w.c_out * row || channels.bias.len() != w.c_out || channels.requant.len() != w.c_out {
         return Err("weight, bias and requantization sizes disagree".into());
     }
     check_operands(&x.data)?;
@@ -650,13 +686,28 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     shape.extend_from_slice(&geometry.out_spatial);
     element_count(&shape, options)?;
     element_count(&[geometry.out_positions, row], options)?;
-    let (positions, taps) = (geometry.out_positions, geometry.taps);
     let group_weights: Vec<PairedRows> = (0..group)
-        .map(|g| PairedRows::build(cog, row, |o, kk| i16::from(w.weights[(g * cog + o) * row + kk])))
+        .map(|g| PairedRows::build(cog, row, |o, kk| i16::from(channels.weights[(g * cog + o) * row + kk])))
         .collect();
-    // im2col as one gather per image and group: column `p` holds the `cig * taps` inputs that
-    // output position `p` reads, from the group's channels; padding reads 0, which is exact
-    // because quantization is symmetric.
+    let image_size = w.c_out * geometry.out_positions;
+    let mut data = vec![0i32; batch * image_size];
+    let work = batch.saturating_mul(image_size).saturating_mul(row);
+    if w.window.strides.iter().all(|s| *s == 1) {
+        let layout = ShiftedLayout::new(&x.shape[2..], w.window, &geometry, options)?;
+        for_each_chunk(&mut data, image_size, work, options.threads, |first_image, chunk| {
+            let images = chunk.len() / image_size;
+            let padded = layout.pad(&x.data[first_image * w.c_in * geometry.in_positions..], w.c_in, images);
+            for (g, weights) in group_weights.iter().enumerate() {
+                let source = &padded[g * cig * images * layout.plane..];
+                layout.convolve(source, images, cig, weights, g * cog, w, chunk, options.simd);
+            }
+        });
+        return Ok(ITensor { shape, data });
+    }
+    let (positions, taps) = (geometry.out_positions, geometry.taps);
+    // Strided: im2col as one gather per image and group. Column `p` holds the `cig * taps`
+    // inputs that output position `p` reads, from the group's channels; padding reads 0, which
+    // is exact because quantization is symmetric.
     let group_inputs = cig * geometry.in_positions;
     if group_inputs >= u32::MAX as usize {
         return Err(format!("{group_inputs} inputs per group are too many to index"));
@@ -665,22 +716,18 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
         let read = geometry.reads[p * taps + kk % taps];
         (read != PADDING).then(|| (kk / taps) * geometry.in_positions + read)
     });
-    let image_size = w.c_out * positions;
-    let mut data = vec![0i32; batch * image_size];
-    let work = batch.saturating_mul(image_size).saturating_mul(row);
     for_each_chunk(&mut data, image_size, work, options.threads, |first_image, chunk| {
         let mut patches = Panels::zeroed(positions, row);
         for (local, out) in chunk.chunks_exact_mut(image_size).enumerate() {
             for (g, weights) in group_weights.iter().enumerate() {
                 let first_input = ((first_image + local) * w.c_in + g * cig) * geometry.in_positions;
                 patches.gather(&map, &x.data[first_input..first_input + group_inputs]);
-                let channels = g * cog..(g + 1) * cog;
+                let rows = g * cog..(g + 1) * cog;
                 let mut sink = RequantizeInto {
-                    out: &mut out[channels.start * positions..channels.end * positions],
+                    out: &mut out[rows.start * positions..rows.end * positions],
                     stride: positions,
                     first_row: 0,
-                    bias: &w.bias[channels.clone()],
-                    requant: &w.requant[channels],
+                    channels: channels.select(rows),
                     per_row: true,
                 };
                 product_sums(weights, 0..cog, &patches, options.simd, &mut sink);
@@ -690,6 +737,245 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     Ok(ITensor { shape, data })
 }
 
+/// Marks a padded position that is not an output position.
+const DROPPED: u32 = u32::MAX;
+
+/// Columns of a stride-1 convolution's patch matrix that one gather fills at a time (bounds the
+/// packed patches' memory whatever the batch and image size).
+const SHIFTED_BLOCK_COLUMNS: usize = 32 * kernels::PANEL;
+
+/// A stride-1 convolution as products over padded images. The data is laid out channel by
+/// channel, each channel holding the chunk's images one after another, each image padded; then
+/// the input that output column `j` reads at tap `t` is `j + offset[t]` for every `j`. Column `j`
+/// stands for the padded position `j` (its image, then its place in the padded image), so the
+/// patch matrix is read straight from shifted runs of the data instead of through a gather map,
+/// and its columns run on across images. Columns at padded positions that are not output
+/// positions are computed and dropped when the sums are written out.
+struct ShiftedLayout {
+    /// Elements of one padded image plane.
+    plane: usize,
+    /// Padded image dimensions, and the input's.
+    padded: Vec<usize>,
+    spatial: Vec<usize>,
+    pads_before: Vec<usize>,
+    /// Per tap (row-major over the kernel), its offset in a padded plane.
+    tap_offsets: Vec<usize>,
+    /// Columns one image spans: through its last output position.
+    image_columns: usize,
+    /// Per padded position: the output position it is, or [`DROPPED`].
+    targets: Vec<u32>,
+    taps: usize,
+    out_positions: usize,
+}
+
+impl ShiftedLayout {
+    fn new(spatial: &[usize], window: &Window, geometry: &Geometry, options: &ExecOptions) -> Result<Self, String> {
+        let rank = spatial.len();
+        let padded: Vec<usize> = (0..rank)
+            .map(|a| spatial[a] + window.pads_before[a] + window.pads_after[a])
+            .collect();
+        let plane = element_count(&padded, options)?;
+        if plane >= u32::MAX as usize {
+            return Err(format!("padded images of {plane} elements are too large to index"));
+        }
+        let mut strides = vec![1usize; rank];
+        for axis in (0..rank.saturating_sub(1)).rev() {
+            strides[axis] = strides[axis + 1] * padded[axis + 1];
+        }
+        let mut tap_offsets = Vec::with_capacity(geometry.taps);
+        let mut tap = vec![0usize; rank];
+        for _ in 0..geometry.taps {
+            tap_offsets.push((0..rank).map(|a| tap[a] * window.dilations[a] * strides[a]).sum());
+            increment(&mut tap, &window.kernel);
+        }
+        // A padded position is an output position when every coordinate is below the output's.
+        let out = &geometry.out_spatial;
+        let mut targets = vec![DROPPED; plane];
+        let mut coordinate = vec![0usize; rank];
+        let mut target = 0u32;
+        let mut last_output = 0;
+        for (p, slot) in targets.iter_mut().enumerate() {
+            if coordinate.iter().zip(out).all(|(c, o)| c < o) {
+                *slot = target;
+                target += 1;
+                last_output = p;
+            }
+            increment(&mut coordinate, &padded);
+        }
+        Ok(Self {
+            plane,
+            spatial: spatial.to_vec(),
+            pads_before: window.pads_before.clone(),
+            padded,
+            tap_offsets,
+            image_columns: last_output + 1,
+            targets,
+            taps: geometry.taps,
+            out_positions: geometry.out_positions,
+        })
+    }
+
+    /// Per column of a chunk of `images` images: where its value for output channel 0 lands in
+    /// the chunk's output, or [`DROPPED`].
+    fn column_targets(&self, images: usize, c_out: usize) -> Vec<u32> {
+        let image_size = c_out * self.out_positions;
+        let mut targets = Vec::with_capacity(images * self.plane);
+        for image in 0..images {
+            let base = (image * image_size) as u32;
+            targets.extend(
+                self.targets
+                    .iter()
+                    .map(|t| if *t == DROPPED { DROPPED } else { base + t }),
+            );
+        }
+        targets
+    }
+
+    /// `images` images of `channels` channels from `data` (NC + spatial order), as
+    /// `[channel][image][padded plane]`, with one panel of zeros after the end for the lanes past
+    /// the last column.
+    fn pad(&self, data: &[i32], channels: usize, images: usize) -> Vec<i32> {
+        let rank = self.spatial.len();
+        let in_positions: usize = self.spatial.iter().product();
+        let width = self.spatial.last().copied().unwrap_or(1);
+        let rows = in_positions / width.max(1);
+        let mut padded = vec![0i32; channels * images * self.plane + kernels::PANEL];
+        let mut strides = vec![1usize; rank];
+        for axis in (0..rank.saturating_sub(1)).rev() {
+            strides[axis] = strides[axis + 1] * self.padded[axis + 1];
+        }
+        // Where each input row (all coordinates but the last) starts in a padded plane.
+        let mut row_starts = Vec::with_capacity(rows);
+        let mut coordinate = vec![0usize; rank.saturating_sub(1)];
+        for _ in 0..rows {
+            let start = (0..rank)
+                .map(|a| (coordinate.get(a).copied().unwrap_or(0) + self.pads_before[a]) * strides[a])
+                .sum();
+            row_starts.push(start);
+            increment(&mut coordinate, &self.spatial[..rank.saturating_sub(1)]);
+        }
+        for image in 0..images {
+            for channel in 0..channels {
+                let source = &data[(image * channels + channel) * in_positions..][..in_positions];
+                let plane = &mut padded[(channel * images + image) * self.plane..][..self.plane];
+                for (input_row, start) in source.chunks_exact(width.max(1)).zip(&row_starts) {
+                    plane[*start..*start + width].copy_from_slice(input_row);
+                }
+            }
+        }
+        padded
+    }
+
+    /// One group's output channels `first_channel..` for the chunk's images, from the group's
+    /// padded data (`cig` channels).
+    #[allow(clippy::too_many_arguments)]
+    fn convolve(
+        &self,
+        source: &[i32],
+        images: usize,
+        cig: usize,
+        weights: &PairedRows,
+        first_channel: usize,
+        w: &ConvWeights<'_>,
+        out: &mut [i32],
+        simd: bool,
+    ) {
+        let columns = (images - 1) * self.plane + self.image_columns;
+        let targets = self.column_targets(images, w.c_out);
+        let row = cig * self.taps;
+        let channel_stride = images * self.plane;
+        let mut offsets: Vec<usize> = (0..row)
+            .map(|kk| (kk / self.taps) * channel_stride + self.tap_offsets[kk % self.taps])
+            .collect();
+        let mut patches = Panels::zeroed(SHIFTED_BLOCK_COLUMNS.min(columns), row);
+        let rows = first_channel..first_channel + weights.rows();
+        for first_column in (0..columns).step_by(SHIFTED_BLOCK_COLUMNS) {
+            let count = SHIFTED_BLOCK_COLUMNS.min(columns - first_column);
+            patches.fill_shifted(count, &offsets, source);
+            let mut sink = ShiftedSink {
+                out: &mut *out,
+                targets: &targets[first_column..first_column + count],
+                first_channel,
+                out_positions: self.out_positions,
+                channels: w.channels.select(rows.clone()),
+            };
+            product_sums(weights, 0..weights.rows(), &patches, simd, &mut sink);
+            for offset in &mut offsets {
+                *offset += SHIFTED_BLOCK_COLUMNS;
+            }
+        }
+    }
+}
+
+/// Requantizes a stride-1 convolution's columns into NC + spatial output, dropping the columns
+/// that are not output positions.
+struct ShiftedSink<'a, 'b> {
+    out: &'a mut [i32],
+    /// Per column of the block: where its value for output channel 0 goes, or [`DROPPED`].
+    targets: &'a [u32],
+    first_channel: usize,
+    out_positions: usize,
+    channels: Channels<'b>,
+}
+
+impl ShiftedSink<'_, '_> {
+    /// Writes one row's requantized `values` of columns `first_col..` where they land.
+    #[inline(always)]
+    fn place(&mut self, row: usize, first_col: usize, values: &[i32]) {
+        let channel = (self.first_channel + row) * self.out_positions;
+        for (value, target) in values.iter().zip(&self.targets[first_col..]) {
+            if *target != DROPPED {
+                self.out[channel + *target as usize] = *value;
+            }
+        }
+    }
+}
+
+impl kernels::Sink for ShiftedSink<'_, '_> {
+    #[inline(always)]
+    fn take(&mut self, row: usize, first_col: usize, sums: &[i64]) {
+        let mut values = [0i32; kernels::PANEL];
+        let c = &self.channels;
+        requantize_run(
+            &mut values[..sums.len()],
+            sums,
+            c.bias[row],
+            c.requant[row],
+            c.low,
+            c.high,
+        );
+        self.place(row, first_col, &values[..sums.len()]);
+    }
+
+    #[inline(always)]
+    fn take_narrow(&mut self, row: usize, first_col: usize, sums: &[i32]) {
+        let mut values = [0i32; kernels::PANEL];
+        let c = &self.channels;
+        requantize_narrow(
+            &mut values[..sums.len()],
+            sums,
+            c.bias[row],
+            c.requant[row],
+            c.low,
+            c.high,
+        );
+        self.place(row, first_col, &values[..sums.len()]);
+    }
+}
+
+impl<'a> Channels<'a> {
+    /// The output channels in `rows` (a group's).
+    fn select(&self, rows: std::ops::Range<usize>) -> Channels<'a> {
+        Channels {
+            weights: self.weights,
+            bias: &self.bias[rows.clone()],
+            requant: &self.requant[rows],
+            low: self.low,
+            high: self.high,
+        }
+    }
+}
+
 /// Writes a product layer's sums, requantized, into rows of `stride` elements (starting at row
 /// `first_row`), with one bias and multiplier per row (a convolution's output channels) or per
 /// column (a dense layer's).
@@ -697,8 +983,7 @@ struct RequantizeInto<'a> {
     out: &'a mut [i32],
     stride: usize,
     first_row: usize,
-    bias: &'a [i64],
-    requant: &'a [Multiplier],
+    channels: Channels<'a>,
     per_row: bool,
 }
 
@@ -706,26 +991,65 @@ impl kernels::Sink for RequantizeInto<'_> {
     #[inline(always)]
     fn take(&mut self, row: usize, first_col: usize, sums: &[i64]) {
         let out = &mut self.out[(row - self.first_row) * self.stride + first_col..][..sums.len()];
+        let c = &self.channels;
         if self.per_row {
-            requantize_run(out, sums, self.bias[row], self.requant[row]);
+            requantize_run(out, sums, c.bias[row], c.requant[row], c.low, c.high);
         } else {
-            let channels = first_col..first_col + sums.len();
+            let columns = first_col..first_col + sums.len();
             for (((slot, sum), bias), requant) in out
                 .iter_mut()
                 .zip(sums)
-                .zip(&self.bias[channels.clone()])
-                .zip(&self.requant[channels])
+                .zip(&c.bias[columns.clone()])
+                .zip(&c.requant[columns])
             {
-                *slot = requantize(*sum, *bias, *requant);
+                *slot = requantize(*sum, *bias, *requant).max(c.low).min(c.high);
             }
         }
     }
+
+    #[inline(always)]
+    fn take_narrow(&mut self, row: usize, first_col: usize, sums: &[i32]) {
+        if !self.per_row {
+            let mut wide = [0i64; kernels::PANEL];
+            for (w, s) in wide.iter_mut().zip(sums) {
+                *w = i64::from(*s);
+            }
+            return self.take(row, first_col, &wide[..sums.len()]);
+        }
+        let out = &mut self.out[(row - self.first_row) * self.stride + first_col..][..sums.len()];
+        let c = &self.channels;
+        requantize_narrow(out, sums, c.bias[row], c.requant[row], c.low, c.high);
+    }
 }
 
-/// Requantizes sums of one channel (one bias and multiplier) into `out`, as [`requantize`] does;
-/// when every value fits the 64-bit form, in one loop the compiler can vectorize.
+/// [`requantize_run`] for sums below 2^31 in magnitude: with a 32-bit multiplier and a bias
+/// below 2^30, `sum * m + bias * m + half` stays below 2^63 (2^62 + 2^61 + 2^61), so the rule
+/// is computed in 64 bits with no per-value check, from 32-bit sums the compiler multiplies in
+/// vector lanes.
 #[inline(always)]
-fn requantize_run(out: &mut [i32], sums: &[i64], bias: i64, requant: Multiplier) {
+fn requantize_narrow(out: &mut [i32], sums: &[i32], bias: i64, requant: Multiplier, low: i32, high: i32) {
+    if let Ok(m) = i32::try_from(requant.m)
+        && (1..63).contains(&requant.shift)
+        && bias.unsigned_abs() < 1 << 30
+    {
+        let m = i64::from(m);
+        let offset = bias * m + (1i64 << (requant.shift - 1));
+        let (low, high) = (i64::from(low), i64::from(high));
+        for (slot, sum) in out.iter_mut().zip(sums) {
+            *slot = ((i64::from(*sum) * m + offset) >> requant.shift).max(low).min(high) as i32;
+        }
+        return;
+    }
+    for (slot, sum) in out.iter_mut().zip(sums) {
+        *slot = requantize(i64::from(*sum), bias, requant).max(low).min(high);
+    }
+}
+
+/// Requantizes sums of one channel (one bias and multiplier) into `out` and clamps them to
+/// `low..=high`, as [`requantize`] does; when every value fits the 64-bit form, in one loop the
+/// compiler can vectorize.
+#[inline(always)]
+fn requantize_run(out: &mut [i32], sums: &[i64], bias: i64, requant: Multiplier, low: i32, high: i32) {
     let in_i32 = |s: &i64| i32::try_from(s.saturating_add(bias)).is_ok();
     if let Ok(m) = i32::try_from(requant.m)
         && (1..63).contains(&requant.shift)
@@ -734,13 +1058,14 @@ fn requantize_run(out: &mut [i32], sums: &[i64], bias: i64, requant: Multiplier)
         // The same formula as `Multiplier::apply`'s 64-bit path: |sum * m| < 2^62.
         let (m, shift) = (i64::from(m), requant.shift);
         let half = 1i64 << (shift - 1);
+        let (low, high) = (i64::from(low), i64::from(high));
         for (slot, sum) in out.iter_mut().zip(sums) {
-            *slot = (((sum + bias) * m + half) >> shift).clamp(-ACTIVATION_MAX, ACTIVATION_MAX) as i32;
+            *slot = (((sum + bias) * m + half) >> shift).max(low).min(high) as i32;
         }
         return;
     }
     for (slot, sum) in out.iter_mut().zip(sums) {
-        *slot = requantize(*sum, bias, requant);
+        *slot = requantize(*sum, bias, requant).max(low).min(high);
     }
 }
 
@@ -862,19 +1187,11 @@ fn product_operands(values: &[i32]) -> Result<Vec<i16>, String> {
         .collect()
 }
 
-fn dense(
-    x: &ITensor,
-    k: usize,
-    n: usize,
-    weights: &[i8],
-    bias: &[i64],
-    requant: &[Multiplier],
-    options: &ExecOptions,
-) -> Result<ITensor, String> {
+fn dense(x: &ITensor, k: usize, n: usize, channels: &Channels<'_>, options: &ExecOptions) -> Result<ITensor, String> {
     if x.shape.last() != Some(&k) {
         return Err(format!("input shape {:?} does not end in {k}", x.shape));
     }
-    if weights.len() != n * k || bias.len() != n || requant.len() != n {
+    if channels.weights.len() != n * k || channels.bias.len() != n || channels.requant.len() != n {
         return Err("weight, bias and requantization sizes disagree".into());
     }
     let mut shape = x.shape.clone();
@@ -886,7 +1203,7 @@ fn dense(
     let rows = x.data.len().checked_div(k).unwrap_or(0);
     let (a, b) = (
         PairedRows::from_row_major(&x.data, rows, k),
-        Panels::from_weights(weights, n, k),
+        Panels::from_weights(channels.weights, n, k),
     );
     let mut data = vec![0i32; rows * n];
     for_each_chunk(&mut data, n, rows * n * k, options.threads, |first, chunk| {
@@ -895,8 +1212,7 @@ fn dense(
             out: chunk,
             stride: n,
             first_row: first,
-            bias,
-            requant,
+            channels: *channels,
             per_row: false,
         };
         product_sums(&a, first..first + count, &b, options.simd, &mut sink);
@@ -1247,83 +1563,119 @@ mod tests {
         }
     }
 
-    /// A grouped, strided, dilated, padded convolution large enough to start threads: every
-    /// thread count and kernel gives the direct formula's bits.
+    /// Grouped, dilated, padded convolutions, strided (gathered patches) and not (shifted runs of
+    /// padded data), with and without a fused output range, with sums long enough to widen past
+    /// 32 bits and biases too large for the 32-bit requantization, large enough to start threads:
+    /// every thread count and kernel gives the direct formula's bits.
     #[test]
     fn convolution_matches_the_direct_formula_on_every_path() {
-        let (batch, c_in, c_out, group, h, w) = (2usize, 32usize, 64usize, 2usize, 17usize, 15usize);
-        let window = Window {
-            kernel: vec![3, 2],
-            strides: vec![2, 1],
-            dilations: vec![1, 2],
-            pads_before: vec![1, 0],
-            pads_after: vec![2, 1],
-        };
+        let (batch, h, w, c_out) = (2usize, 17usize, 15usize, 64usize);
+        let limit = ACTIVATION_MAX as i32;
+        // (vertical stride, input channels, groups, bias range, output range)
+        let cases = [
+            (2, 32, 2, 1i64 << 20, (-limit, limit)),
+            (1, 32, 2, 1 << 32, (-1000, 20000)),
+            (1, 32, 32, 1 << 20, (0, limit)),
+            (1, 96, 1, 1 << 20, (-limit, limit)),
+        ];
         let mut state = 12345u64;
         let mut next = |range: i64| {
             state = state
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            ((state >> 33) as i64 % (2 * range + 1) - range) as i32
+            (state >> 33) as i64 % (2 * range + 1) - range
         };
-        let x = ITensor {
-            shape: vec![batch, c_in, h, w],
-            data: (0..batch * c_in * h * w).map(|_| next(32767)).collect(),
-        };
-        let cig = c_in / group;
-        let row = cig * 6;
-        let weights: Vec<i8> = (0..c_out * row).map(|_| next(127) as i8).collect();
-        let bias: Vec<i64> = (0..c_out).map(|_| i64::from(next(1 << 20))).collect();
-        let requant: Vec<Multiplier> = (0..c_out)
-            .map(|o| Multiplier::from_f64(1.0 / (3000.0 + o as f64)))
-            .collect();
-        let conv_weights = ConvWeights {
-            window: &window,
-            group,
-            c_in,
-            c_out,
-            weights: &weights,
-            bias: &bias,
-            requant: &requant,
-        };
-        let (out_h, out_w) = ((h + 3 - 3) / 2 + 1, (w + 1 - 3) + 1);
-        let mut expected = Vec::new();
-        for n in 0..batch {
-            for oc in 0..c_out {
-                let g = oc / (c_out / group);
-                for oy in 0..out_h {
-                    for ox in 0..out_w {
-                        let mut acc = bias[oc];
-                        for ci in 0..cig {
-                            for ky in 0..3 {
-                                for kx in 0..2 {
-                                    let y = (oy * 2 + ky) as i64 - 1;
-                                    let xx = (ox + kx * 2) as i64;
-                                    if y < 0 || y >= h as i64 || xx >= w as i64 {
-                                        continue;
+        for (stride, c_in, group, bias_range, (low, high)) in cases {
+            let window = Window {
+                kernel: vec![3, 2],
+                strides: vec![stride, 1],
+                dilations: vec![1, 2],
+                pads_before: vec![1, 0],
+                pads_after: vec![2, 1],
+            };
+            let x = ITensor {
+                shape: vec![batch, c_in, h, w],
+                data: (0..batch * c_in * h * w).map(|_| next(32767) as i32).collect(),
+            };
+            let cig = c_in / group;
+            let row = cig * 6;
+            let weights: Vec<i8> = (0..c_out * row).map(|_| next(127) as i8).collect();
+            let bias: Vec<i64> = (0..c_out).map(|_| next(bias_range)).collect();
+            let requant: Vec<Multiplier> = (0..c_out)
+                .map(|o| Multiplier::from_f64(1.0 / (3000.0 + o as f64)))
+                .collect();
+            let conv_weights = ConvWeights {
+                window: &window,
+                group,
+                c_in,
+                c_out,
+                channels: Channels::new(&weights, &bias, &requant, low, high).expect("range"),
+            };
+            let (out_h, out_w) = ((h + 3 - 3) / stride + 1, (w + 1 - 3) + 1);
+            let mut expected = Vec::new();
+            for n in 0..batch {
+                for oc in 0..c_out {
+                    let g = oc / (c_out / group);
+                    for oy in 0..out_h {
+                        for ox in 0..out_w {
+                            let mut acc = bias[oc];
+                            for ci in 0..cig {
+                                for ky in 0..3 {
+                                    for kx in 0..2 {
+                                        let y = (oy * stride + ky) as i64 - 1;
+                                        let xx = (ox + kx * 2) as i64;
+                                        if y < 0 || y >= h as i64 || xx >= w as i64 {
+                                            continue;
+                                        }
+                                        let input =
+                                            x.data[((n * c_in + g * cig + ci) * h + y as usize) * w + xx as usize];
+                                        let weight = weights[oc * row + ci * 6 + ky * 2 + kx];
+                                        acc += i64::from(input) * i64::from(weight);
                                     }
-                                    let input = x.data[((n * c_in + g * cig + ci) * h + y as usize) * w + xx as usize];
-                                    let weight = weights[oc * row + ci * 6 + ky * 2 + kx];
-                                    acc += i64::from(input) * i64::from(weight);
                                 }
                             }
+                            expected.push(saturate(requant[oc].apply(acc)).clamp(low, high));
                         }
-                        expected.push(saturate(requant[oc].apply(acc)));
                     }
                 }
             }
-        }
-        for threads in [1, 2, 3] {
-            for simd in [false, true] {
-                let options = ExecOptions {
-                    threads,
-                    simd,
-                    ..ExecOptions::default()
-                };
-                let y = conv(&x, &conv_weights, &options).expect("conv");
-                assert_eq!(y.shape, vec![batch, c_out, out_h, out_w]);
-                assert!(y.data == expected, "threads {threads} simd {simd}");
+            for threads in [1, 2, 3] {
+                for simd in [false, true] {
+                    let options = ExecOptions {
+                        threads,
+                        simd,
+                        ..ExecOptions::default()
+                    };
+                    let y = conv(&x, &conv_weights, &options).expect("conv");
+                    assert_eq!(y.shape, vec![batch, c_out, out_h, out_w]);
+                    assert!(
+                        y.data == expected,
+                        "stride {stride} groups {group} threads {threads} simd {simd}"
+                    );
+                }
             }
+        }
+    }
+
+    proptest! {
+        /// The 32-bit requantization gives [`requantize`]'s bits then the clamp, for any sums,
+        /// biases (inside and outside its fast range) and multipliers.
+        #[test]
+        fn narrow_requantization_follows_the_rule(
+            sums in proptest::collection::vec(any::<i32>(), 0..17),
+            bias in prop_oneof![-(1i64 << 30)..(1i64 << 30), any::<i64>()],
+            m in prop_oneof![0i64..(1 << 31), any::<i64>()],
+            shift in 0u32..=Multiplier::MAX_SHIFT,
+            (low, high) in (-32767i32..=32767).prop_flat_map(|low| (Just(low), low..=32767)),
+        ) {
+            let requant = Multiplier { m, shift };
+            let mut out = vec![0i32; sums.len()];
+            requantize_narrow(&mut out, &sums, bias, requant, low, high);
+            let expected: Vec<i32> = sums
+                .iter()
+                .map(|s| requantize(i64::from(*s), bias, requant).clamp(low, high))
+                .collect();
+            prop_assert_eq!(out, expected);
         }
     }
 
@@ -1382,8 +1734,19 @@ mod tests {
             data: vec![40_000, 1],
         };
         let one = Multiplier { m: 1 << 30, shift: 30 };
-        let error = dense(&x, 2, 1, &[1, 1], &[0], &[one], &ExecOptions::default()).expect_err("refused");
+        let (weights, bias, requant) = ([1, 1], [0], [one]);
+        let channels = Channels::new(&weights, &bias, &requant, -32767, 32767).expect("range");
+        let error = dense(&x, 2, 1, &channels, &ExecOptions::default()).expect_err("refused");
         assert!(error.contains("outside the activation range"), "{error}");
+    }
+
+    #[test]
+    fn products_refuse_an_empty_or_oversized_output_range() {
+        let one = Multiplier { m: 1 << 30, shift: 30 };
+        for (low, high) in [(5, 4), (-40_000, 0), (0, 32768)] {
+            let error = Channels::new(&[1], &[0], &[one], low, high).err().expect("refused");
+            assert!(error.contains("output range"), "{error}");
+        }
     }
 
     #[test]

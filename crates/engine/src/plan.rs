@@ -10,7 +10,7 @@ use vouch_codec::Buf;
 use vouch_codec::{Error as CodecError, RangeCfg, Read, ReadExt, Write};
 use vouch_types::BlobId;
 
-use crate::fixed::Multiplier;
+use crate::fixed::{ACTIVATION_MAX, Multiplier};
 pub use crate::ir::{CompareOp, LogicOp, Window};
 
 /// Largest kernel size, stride, dilation or padding a plan may give one spatial axis.
@@ -108,6 +108,12 @@ pub enum Instr {
         bias: Vec<i64>,
         /// `n` requantization factors, accumulator scale to output scale.
         requant: Vec<Multiplier>,
+        /// Lowest output: a ReLU or clip that followed the product, fused into it (encoded under
+        /// a tag of its own only when narrower than the activations, so plans without one keep
+        /// their bytes).
+        low: i32,
+        /// Highest output.
+        high: i32,
     },
     /// `y = sat(rq_a(a) ± rq_b(b))` with NumPy broadcasting.
     AddSub {
@@ -202,6 +208,10 @@ pub enum Instr {
         bias: Vec<i64>,
         /// `c_out` requantization factors.
         requant: Vec<Multiplier>,
+        /// Lowest output: a ReLU or clip that followed the convolution, fused into it.
+        low: i32,
+        /// Highest output.
+        high: i32,
     },
     /// The largest value of each window over `[batch, channels, spatial..]`; padding is skipped.
     MaxPool {
@@ -639,12 +649,20 @@ fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
             weights,
             bias,
             requant,
+            low,
+            high,
         } => {
-            out.put_u8(1);
+            // A product with the full output range keeps its original tag and bytes.
+            let clamped = (*low, *high) != FULL_RANGE;
+            out.put_u8(if clamped { 32 } else { 1 });
             out.put_u32(*input);
             out.put_u32(*k);
             out.put_u32(*n);
             write_channels(weights, bias, requant, out);
+            if clamped {
+                out.put_i32(*low);
+                out.put_i32(*high);
+            }
         }
         Instr::AddSub {
             a,
@@ -729,14 +747,21 @@ fn write_instr(instr: &Instr, out: &mut Vec<u8>) {
             weights,
             bias,
             requant,
+            low,
+            high,
         } => {
-            out.put_u8(11);
+            let clamped = (*low, *high) != FULL_RANGE;
+            out.put_u8(if clamped { 33 } else { 11 });
             out.put_u32(*input);
             write_window(window, out);
             out.put_u32(*group);
             out.put_u32(*c_in);
             out.put_u32(*c_out);
             write_channels(weights, bias, requant, out);
+            if clamped {
+                out.put_i32(*low);
+                out.put_i32(*high);
+            }
         }
         Instr::MaxPool { input, window } => {
             out.put_u8(12);
@@ -914,6 +939,26 @@ fn read_channels(buf: &mut impl Buf, max: usize) -> Result<ChannelParts, CodecEr
     Ok((weights.into_iter().map(|w| w as i8).collect(), bias, requant))
 }
 
+/// The output range of a product that has none narrower: every activation.
+const FULL_RANGE: (i32, i32) = (-(ACTIVATION_MAX as i32), ACTIVATION_MAX as i32);
+
+/// A product's output range: written only by the clamped tags, and then narrower than the full
+/// range (one encoding per plan) and within it, lowest first.
+fn read_output_range(buf: &mut impl Buf, clamped: bool) -> Result<(i32, i32), CodecError> {
+    if !clamped {
+        return Ok(FULL_RANGE);
+    }
+    let (low, high) = (i32::read(buf)?, i32::read(buf)?);
+    if (low, high) != FULL_RANGE && FULL_RANGE.0 <= low && low <= high && high <= FULL_RANGE.1 {
+        Ok((low, high))
+    } else {
+        Err(CodecError::Invalid(
+            "plan",
+            "a clamped product's range is empty, outside the activations or not narrower than them",
+        ))
+    }
+}
+
 fn write_u32s(values: &[u32], out: &mut Vec<u8>) {
     values.len().write(out);
     for v in values {
@@ -979,11 +1024,12 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
             shape: vouch_codec::read_vec(buf, rank, |b| u64::read(b))?,
             data: read_i32s(buf, max)?,
         },
-        1 => {
+        tag @ (1 | 32) => {
             let input = u32::read(buf)?;
             let k = u32::read(buf)?;
             let n = u32::read(buf)?;
             let (weights, bias, requant) = read_channels(buf, max)?;
+            let (low, high) = read_output_range(buf, tag == 32)?;
             let channels = n as usize;
             if weights.len() != channels.saturating_mul(k as usize)
                 || bias.len() != channels
@@ -998,6 +1044,8 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
                 weights,
                 bias,
                 requant,
+                low,
+                high,
             }
         }
         2 => Instr::AddSub {
@@ -1054,13 +1102,14 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
             from_rank: u32::read(buf)?,
             to: vouch_codec::read_vec(buf, rank, |b| u64::read(b))?,
         },
-        11 => {
+        tag @ (11 | 33) => {
             let input = u32::read(buf)?;
             let window = read_window(buf)?;
             let group = u32::read(buf)?;
             let c_in = u32::read(buf)?;
             let c_out = u32::read(buf)?;
             let (weights, bias, requant) = read_channels(buf, max)?;
+            let (low, high) = read_output_range(buf, tag == 33)?;
             let taps: usize = window.kernel.iter().product();
             let fits = group > 0
                 && c_in.is_multiple_of(group)
@@ -1083,6 +1132,8 @@ fn read_instr(buf: &mut impl Buf, limits: &PlanLimits) -> Result<Instr, CodecErr
                 weights,
                 bias,
                 requant,
+                low,
+                high,
             }
         }
         12 => Instr::MaxPool {
@@ -1295,6 +1346,111 @@ mod tests {
         assert!(Plan::decode(&forward.encode(), &PlanLimits::default()).is_err());
         let missing_output = plan_with(vec![clamp(0)], 5);
         assert!(Plan::decode(&missing_output.encode(), &PlanLimits::default()).is_err());
+    }
+
+    #[test]
+    fn decoding_refuses_an_empty_or_oversized_product_range() {
+        let dense = |low, high| Instr::Dense {
+            input: 0,
+            k: 1,
+            n: 1,
+            weights: vec![1],
+            bias: vec![0],
+            requant: vec![Multiplier { m: 1 << 30, shift: 30 }],
+            low,
+            high,
+        };
+        let good = plan_with(vec![dense(0, 5)], 1);
+        assert_eq!(
+            Plan::decode(&good.encode(), &PlanLimits::default()).expect("decode"),
+            good
+        );
+        for (low, high) in [(5, 0), (-40_000, 0), (0, 40_000)] {
+            let bad = plan_with(vec![dense(low, high)], 1);
+            assert!(
+                Plan::decode(&bad.encode(), &PlanLimits::default()).is_err(),
+                "{low}..={high}"
+            );
+        }
+        // The full range has one encoding: the unclamped tag, with no range written.
+        let full = plan_with(vec![dense(FULL_RANGE.0, FULL_RANGE.1)], 1).encode();
+        let clamped = good.encode();
+        assert_eq!(clamped.len(), full.len() + 8);
+        let tag_at = full
+            .iter()
+            .zip(&clamped)
+            .position(|(a, b)| a != b)
+            .expect("tags differ");
+        assert_eq!((full[tag_at], clamped[tag_at]), (1, 32));
+        // The clamped tag carrying the full range is a second encoding of the same plan: refused.
+        let range: Vec<u8> = 0i32.to_be_bytes().into_iter().chain(5i32.to_be_bytes()).collect();
+        let at = clamped
+            .windows(8)
+            .position(|w| w == range)
+            .expect("the range is written");
+        let mut forged = clamped.clone();
+        forged.splice(
+            at..at + 8,
+            FULL_RANGE.0.to_be_bytes().into_iter().chain(FULL_RANGE.1.to_be_bytes()),
+        );
+        assert!(Plan::decode(&forged, &PlanLimits::default()).is_err());
+    }
+
+    /// Every variant that shares an instruction with another under a tag of its own decodes back
+    /// to itself (two variants under one tag would decode as the wrong one).
+    #[test]
+    fn instruction_variants_round_trip() {
+        let one = Multiplier { m: 1 << 30, shift: 30 };
+        let window = Window {
+            kernel: vec![1],
+            strides: vec![1],
+            dilations: vec![1],
+            pads_before: vec![0],
+            pads_after: vec![0],
+        };
+        let mut instrs = Vec::new();
+        for clamped in [false, true] {
+            let (low, high) = if clamped { (0, 100) } else { FULL_RANGE };
+            instrs.push(Instr::Dense {
+                input: 0,
+                k: 1,
+                n: 1,
+                weights: vec![1],
+                bias: vec![0],
+                requant: vec![one],
+                low,
+                high,
+            });
+            instrs.push(Instr::Conv {
+                input: 0,
+                window: window.clone(),
+                group: 1,
+                c_in: 1,
+                c_out: 1,
+                weights: vec![1],
+                bias: vec![0],
+                requant: vec![one],
+                low,
+                high,
+            });
+            instrs.push(Instr::Softmax {
+                input: 0,
+                axis: 0,
+                exp_table: vec![65536],
+                masked: clamped,
+            });
+            instrs.push(Instr::ReduceSum {
+                input: 0,
+                axes: vec![0],
+                requant: one,
+                squares: clamped,
+            });
+        }
+        let plan = plan_with(instrs, 1);
+        assert_eq!(
+            Plan::decode(&plan.encode(), &PlanLimits::default()).expect("decode"),
+            plan
+        );
     }
 
     #[test]

@@ -322,6 +322,13 @@ impl<'a> Builder<'a> {
             });
             self.quantized[value] = Some(quantized);
         }
+        // Constants are known before any node runs: a node folds a constant it reads (a bias into
+        // a product, a bound into a clamp) even where the topological order lists it later.
+        for node in &graph.nodes {
+            if let Op::Const(tensor) = &node.op {
+                self.quantized[node.output] = Some(Quantized::Constant(tensor.clone()));
+            }
+        }
         for index in 0..graph.nodes.len() {
             if self.quantized[graph.nodes[index].output].is_some() {
                 continue; // an input, or fused into an earlier instruction
@@ -766,10 +773,36 @@ impl<'a> Builder<'a> {
                 let q = round_saturate(first / scale, ACTIVATION_MAX) as i32;
                 let max = ACTIVATION_MAX as i32;
                 let (low, high) = if op == BinaryOp::Max { (q, max) } else { (-max, q) };
+                if self.fuse_clamp(x, input, low, high) {
+                    self.quantized[x] = Some(Quantized::Fused);
+                    return Ok(Quantized::Activation { value: input, scale });
+                }
                 let value = self.push(Instr::Clamp { input, low, high });
                 Ok(Quantized::Activation { value, scale })
             }
         }
+    }
+
+    /// Narrows the output range of the instruction that computes `value` (the plan's value for
+    /// `x`) to `low..=high` when a clamp there gives the same bits as one after it: the
+    /// instruction is a product or a clamp, the last one pushed, and nothing else reads `x`.
+    fn fuse_clamp(&mut self, x: ValueId, value: PlanValue, low: i32, high: i32) -> bool {
+        let last = (self.inputs.len() + self.instrs.len()).checked_sub(1);
+        if last != Some(value as usize) || self.readers[x].len() != 1 || self.graph.outputs.contains(&x) {
+            return false;
+        }
+        let range = match self.instrs.last_mut() {
+            Some(Instr::Dense { low, high, .. } | Instr::Conv { low, high, .. } | Instr::Clamp { low, high, .. }) => {
+                (low, high)
+            }
+            _ => return false,
+        };
+        let (new_low, new_high) = ((*range.0).max(low), (*range.1).min(high));
+        if new_low > new_high {
+            return false;
+        }
+        (*range.0, *range.1) = (new_low, new_high);
+        true
     }
 
     /// `value op 0` on integers: 1 or 0.
@@ -1045,6 +1078,8 @@ impl<'a> Builder<'a> {
             weights: channels.weights,
             bias: channels.bias,
             requant: channels.requant,
+            low: -ACTIVATION_MAX as i32,
+            high: ACTIVATION_MAX as i32,
         });
         Ok(Quantized::Activation { value, scale: scale_y })
     }
@@ -1153,6 +1188,8 @@ impl<'a> Builder<'a> {
             weights: channels.weights,
             bias: channels.bias,
             requant: channels.requant,
+            low: -ACTIVATION_MAX as i32,
+            high: ACTIVATION_MAX as i32,
         });
         let quantized = Quantized::Activation { value, scale: scale_y };
         if output != node.output {

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{fixture, tensors, traced_run};
+use vouch_engine::plan::Instr;
 use vouch_engine::{
     ExecOptions, FloatModel, Plan, PlanLimits, TraceTree, build_plan, execute, execute_instr, load_onnx,
 };
@@ -110,6 +111,38 @@ fn plans_are_deterministic_and_canonical() {
     for name in ["Conv", "MaxPool", "AvgPool", "Dense"] {
         assert!(cnn.instrs.iter().any(|i| i.name() == name), "the CNN plan has a {name}");
     }
+}
+
+/// A bias add and a ReLU or clip after a product are folded into it: the MLP (MatMul, Add, Relu,
+/// MatMul, Add, Softmax) is two dense layers and a softmax, the first clamped at zero; in the CNN
+/// each convolution takes its ReLU or clip (0..6), and no clamp is left.
+#[test]
+fn biases_and_clamps_fold_into_the_products() {
+    let (_, mlp) = plan_for("models/digits_mlp_v1.onnx");
+    let names: Vec<&str> = mlp.instrs.iter().map(|i| i.name()).collect();
+    assert_eq!(names, ["Dense", "Dense", "Softmax"]);
+    let lows: Vec<i32> = mlp
+        .instrs
+        .iter()
+        .filter_map(|i| match i {
+            Instr::Dense { low, .. } => Some(*low),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lows, [0, -32767]);
+    let (_, cnn) = plan_for("models/digits_cnn.onnx");
+    assert!(cnn.instrs.iter().all(|i| i.name() != "Clamp" && i.name() != "AddSub"));
+    let ranges: Vec<(i32, i32)> = cnn
+        .instrs
+        .iter()
+        .filter_map(|i| match i {
+            Instr::Conv { low, high, .. } => Some((*low, *high)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ranges.len(), 3);
+    assert!(ranges.iter().all(|(low, _)| *low == 0), "{ranges:?}");
+    assert!(ranges[2].1 < 32767, "the clip's upper bound is fused: {ranges:?}");
 }
 
 #[test]

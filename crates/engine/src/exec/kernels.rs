@@ -69,6 +69,11 @@ impl PairedRows {
         Self::build(rows, k, |row, kk| values[row * k + kk] as i16)
     }
 
+    /// How many rows there are.
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
     fn row(&self, row: usize) -> &[i32] {
         &self.data[row * self.pairs..(row + 1) * self.pairs]
     }
@@ -139,6 +144,36 @@ impl Panels {
         gather_slots(slots, &map.slots, source);
     }
 
+    /// Refills the panels with `cols` columns (at most the panels were made for) of `k` values,
+    /// where value `kk` of column `col` is `source[offsets[kk] + col]`: each value's columns are
+    /// a contiguous run of the source, as in a stride-1 convolution over padded data. The source
+    /// must hold a whole panel past the last column read, and its values must already be known to
+    /// be 16-bit operands.
+    pub(super) fn fill_shifted(&mut self, cols: usize, offsets: &[usize], source: &[i32]) {
+        debug_assert_eq!(self.pairs, offsets.len().div_ceil(2));
+        debug_assert!(cols.div_ceil(PANEL) * self.pairs <= self.data.len());
+        self.cols = cols;
+        let panels = &mut self.data[..cols.div_ceil(PANEL) * self.pairs];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v3) = V3::try_new() {
+            return v3.vectorize(FillShifted {
+                v3,
+                panels,
+                pairs: self.pairs,
+                offsets,
+                source,
+            });
+        }
+        fill_shifted(panels, self.pairs, offsets, source, |first, second| {
+            let mut slot = [0i16; 2 * PANEL];
+            for ((values, a), b) in slot.chunks_exact_mut(2).zip(first).zip(second) {
+                values[0] = *a as i16;
+                values[1] = *b as i16;
+            }
+            slot
+        });
+    }
+
     fn panel(&self, panel: usize) -> &[[i16; 2 * PANEL]] {
         &self.data[panel * self.pairs..(panel + 1) * self.pairs]
     }
@@ -196,10 +231,75 @@ fn gather_slots(slots: &mut [i16], map: &[u32], source: &[i32]) {
     }
 }
 
+/// [`Panels::fill_shifted`]'s loop: for each panel and pair of values, the pair's two runs of
+/// [`PANEL`] source values interleaved into one slot by `interleave`.
+#[inline(always)]
+fn fill_shifted(
+    panels: &mut [[i16; 2 * PANEL]],
+    pairs: usize,
+    offsets: &[usize],
+    source: &[i32],
+    interleave: impl Fn(&[i32; PANEL], &[i32; PANEL]) -> [i16; 2 * PANEL],
+) {
+    let (mut first, mut second) = ([0i32; PANEL], [0i32; PANEL]);
+    for (panel, slots) in panels.chunks_exact_mut(pairs).enumerate() {
+        let column = panel * PANEL;
+        for (slot, pair) in slots.iter_mut().zip(offsets.chunks(2)) {
+            first.copy_from_slice(&source[pair[0] + column..][..PANEL]);
+            match pair.get(1) {
+                Some(offset) => second.copy_from_slice(&source[offset + column..][..PANEL]),
+                None => second = [0; PANEL],
+            }
+            *slot = interleave(&first, &second);
+        }
+    }
+}
+
+/// [`fill_shifted`] compiled with AVX2 enabled: each 32-bit lane takes the low halves of one
+/// value from each run (x86 is little-endian, so the first value is the lane's first `i16`).
+#[cfg(target_arch = "x86_64")]
+struct FillShifted<'a> {
+    v3: V3,
+    panels: &'a mut [[i16; 2 * PANEL]],
+    pairs: usize,
+    offsets: &'a [usize],
+    source: &'a [i32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for FillShifted<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        use pulp::cast;
+        use std::arch::x86_64::__m256i;
+        let v3 = self.v3;
+        fill_shifted(self.panels, self.pairs, self.offsets, self.source, |first, second| {
+            let (first, second): ([__m256i; 2], [__m256i; 2]) = (cast(*first), cast(*second));
+            let lanes: [__m256i; 2] = std::array::from_fn(|i| {
+                v3.avx2
+                    ._mm256_blend_epi16::<0xAA>(first[i], v3.avx2._mm256_slli_epi32::<16>(second[i]))
+            });
+            cast(lanes)
+        });
+    }
+}
+
 /// Where the kernels hand their sums: runs of consecutive columns of one row.
 pub(super) trait Sink {
     /// Takes `sums` of `row`, columns `first_col..first_col + sums.len()`.
     fn take(&mut self, row: usize, first_col: usize, sums: &[i64]);
+
+    /// Takes sums known to be below 2^31 in magnitude (products of at most
+    /// [`PAIRS_PER_BLOCK`] pairs), which a sink can rescale in 32-bit lanes.
+    fn take_narrow(&mut self, row: usize, first_col: usize, sums: &[i32]) {
+        let mut wide = [0i64; PANEL];
+        for (w, s) in wide.iter_mut().zip(sums) {
+            *w = i64::from(*s);
+        }
+        self.take(row, first_col, &wide[..sums.len()]);
+    }
 }
 
 /// Computes `sum over kk of a(row, kk) * b(col, kk)` for every row of `a` in `rows` and every
@@ -215,7 +315,7 @@ pub(super) fn product_sums(a: &PairedRows, rows: Range<usize>, b: &Panels, simd:
     if let Some(v3) = V3::try_new() {
         return v3.vectorize(AvxSums { v3, a, rows, b, sink });
     }
-    tiled_sums(a, rows, b, sink, portable_tile);
+    tiled_sums(a, rows, b, sink, PortableBlock);
 }
 
 /// One product at a time in 64 bits: the reference order.
@@ -235,27 +335,47 @@ fn scalar_sums(a: &PairedRows, rows: Range<usize>, b: &Panels, sink: &mut impl S
     }
 }
 
-/// Sums of one tile: [`TILE_ROWS`] rows (each `pairs` long) against one panel.
-type Tile = [[i64; PANEL]; TILE_ROWS];
+/// Sums of one block of a tile: [`TILE_ROWS`] rows against one panel, over at most
+/// [`PAIRS_PER_BLOCK`] pairs, so each fits 32 bits.
+type Block = [[i32; PANEL]; TILE_ROWS];
 
-/// Walks the tiles, computing each with `tile` (rows past the end read zeros and are not emitted).
+/// Computes one [`Block`]. (A trait with an always-inlined method, not a closure: the AVX2 code
+/// must be inlined into the function compiled with AVX2 enabled, and the compiler inlines a
+/// closure called from two places only when it sees fit.)
+trait BlockKernel {
+    fn block(&self, x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block;
+}
+
+/// Walks the tiles, computing each block with `kernel` (rows past the end read zeros and are not
+/// emitted). Sums of one block go to the sink as they are; longer sums add their blocks in 64 bits.
 #[inline(always)]
-fn tiled_sums(
-    a: &PairedRows,
-    rows: Range<usize>,
-    b: &Panels,
-    sink: &mut impl Sink,
-    tile: impl Fn([&[i32]; TILE_ROWS], &[[i16; 2 * PANEL]]) -> Tile,
-) {
+fn tiled_sums(a: &PairedRows, rows: Range<usize>, b: &Panels, sink: &mut impl Sink, kernel: impl BlockKernel) {
     let zeros = vec![0i32; a.pairs];
     let mut first = rows.start;
     while first < rows.end {
         let present = TILE_ROWS.min(rows.end - first);
         let x: [&[i32]; TILE_ROWS] = std::array::from_fn(|r| if r < present { a.row(first + r) } else { &zeros[..] });
         for panel in 0..b.cols.div_ceil(PANEL) {
-            let sums = tile(x, b.panel(panel));
+            let weights = b.panel(panel);
             let width = PANEL.min(b.cols - panel * PANEL);
-            for (r, sums) in sums.iter().enumerate().take(present) {
+            if a.pairs <= PAIRS_PER_BLOCK {
+                let sums = kernel.block(x, weights);
+                for (r, sums) in sums.iter().enumerate().take(present) {
+                    sink.take_narrow(first + r, panel * PANEL, &sums[..width]);
+                }
+                continue;
+            }
+            let mut total = [[0i64; PANEL]; TILE_ROWS];
+            for (index, weights) in weights.chunks(PAIRS_PER_BLOCK).enumerate() {
+                let start = index * PAIRS_PER_BLOCK;
+                let sums = kernel.block(std::array::from_fn(|r| &x[r][start..start + weights.len()]), weights);
+                for (total, sums) in total.iter_mut().zip(&sums) {
+                    for (t, s) in total.iter_mut().zip(sums) {
+                        *t += i64::from(*s);
+                    }
+                }
+            }
+            for (r, sums) in total.iter().enumerate().take(present) {
                 sink.take(first + r, panel * PANEL, &sums[..width]);
             }
         }
@@ -263,28 +383,28 @@ fn tiled_sums(
     }
 }
 
-/// A tile in plain Rust (the compiler vectorizes the column loop).
+/// Blocks in plain Rust (the compiler vectorizes the column loop).
+struct PortableBlock;
+
+impl BlockKernel for PortableBlock {
+    #[inline(always)]
+    fn block(&self, x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block {
+        portable_block(x, weights)
+    }
+}
+
 #[inline(always)]
-fn portable_tile(x: [&[i32]; TILE_ROWS], panel: &[[i16; 2 * PANEL]]) -> Tile {
-    let mut total = [[0i64; PANEL]; TILE_ROWS];
-    for (block, weights) in panel.chunks(PAIRS_PER_BLOCK).enumerate() {
-        let start = block * PAIRS_PER_BLOCK;
-        let mut acc = [[0i32; PANEL]; TILE_ROWS];
-        for (r, acc) in acc.iter_mut().enumerate() {
-            for (pair, w) in x[r][start..start + weights.len()].iter().zip(weights) {
-                let (first, second) = unpack_pair(*pair);
-                for c in 0..PANEL {
-                    acc[c] += first * i32::from(w[2 * c]) + second * i32::from(w[2 * c + 1]);
-                }
-            }
-        }
-        for (total, acc) in total.iter_mut().zip(&acc) {
-            for (t, a) in total.iter_mut().zip(acc) {
-                *t += i64::from(*a);
+fn portable_block(x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block {
+    let mut acc = [[0i32; PANEL]; TILE_ROWS];
+    for (r, acc) in acc.iter_mut().enumerate() {
+        for (pair, w) in x[r].iter().zip(weights) {
+            let (first, second) = unpack_pair(*pair);
+            for c in 0..PANEL {
+                acc[c] += first * i32::from(w[2 * c]) + second * i32::from(w[2 * c + 1]);
             }
         }
     }
-    total
+    acc
 }
 
 /// The product sums compiled with AVX2 enabled (`V3::vectorize` runs them with the features on).
@@ -304,40 +424,41 @@ impl<S: Sink> pulp::NullaryFnOnce for AvxSums<'_, S> {
     #[inline(always)]
     fn call(self) {
         let v3 = self.v3;
-        tiled_sums(self.a, self.rows, self.b, self.sink, |x, panel| avx_tile(v3, x, panel));
+        tiled_sums(self.a, self.rows, self.b, self.sink, AvxBlock(v3));
     }
 }
 
-/// A tile with 256-bit pairwise multiply-adds: each step broadcasts one pair of each row and
+/// Blocks with AVX2 (only made where the CPU has it).
+#[cfg(target_arch = "x86_64")]
+struct AvxBlock(V3);
+
+#[cfg(target_arch = "x86_64")]
+impl BlockKernel for AvxBlock {
+    #[inline(always)]
+    fn block(&self, x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block {
+        avx_block(self.0, x, weights)
+    }
+}
+
+/// A block with 256-bit pairwise multiply-adds: each step broadcasts one pair of each row and
 /// multiplies it into the panel's 16 columns (two vectors of eight 32-bit sums).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn avx_tile(v3: V3, x: [&[i32]; TILE_ROWS], panel: &[[i16; 2 * PANEL]]) -> Tile {
+fn avx_block(v3: V3, x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block {
     use pulp::cast;
     use std::arch::x86_64::__m256i;
-    let mut total = [[0i64; PANEL]; TILE_ROWS];
-    for (block, weights) in panel.chunks(PAIRS_PER_BLOCK).enumerate() {
-        let start = block * PAIRS_PER_BLOCK;
-        let x: [&[i32]; TILE_ROWS] = std::array::from_fn(|r| &x[r][start..start + weights.len()]);
-        let zero: __m256i = cast([0i32; 8]);
-        let mut acc = [[zero; 2]; TILE_ROWS];
-        for (q, w) in weights.iter().enumerate() {
-            let [low, high]: [[i16; PANEL]; 2] = cast(*w);
-            let (low, high): (__m256i, __m256i) = (cast(low), cast(high));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let pair = v3.avx._mm256_set1_epi32(x[r][q]);
-                acc[0] = v3.avx2._mm256_add_epi32(acc[0], v3.avx2._mm256_madd_epi16(pair, low));
-                acc[1] = v3.avx2._mm256_add_epi32(acc[1], v3.avx2._mm256_madd_epi16(pair, high));
-            }
-        }
-        for (total, acc) in total.iter_mut().zip(&acc) {
-            let sums: [[i32; 8]; 2] = [cast(acc[0]), cast(acc[1])];
-            for (t, s) in total.iter_mut().zip(sums.iter().flatten()) {
-                *t += i64::from(*s);
-            }
+    let zero: __m256i = cast([0i32; 8]);
+    let mut acc = [[zero; 2]; TILE_ROWS];
+    for (q, w) in weights.iter().enumerate() {
+        let [low, high]: [[i16; PANEL]; 2] = cast(*w);
+        let (low, high): (__m256i, __m256i) = (cast(low), cast(high));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let pair = v3.avx._mm256_set1_epi32(x[r][q]);
+            acc[0] = v3.avx2._mm256_add_epi32(acc[0], v3.avx2._mm256_madd_epi16(pair, low));
+            acc[1] = v3.avx2._mm256_add_epi32(acc[1], v3.avx2._mm256_madd_epi16(pair, high));
         }
     }
-    total
+    acc.map(cast)
 }
 
 #[cfg(test)]
@@ -382,7 +503,7 @@ mod tests {
         };
         match kernel {
             "scalar" => product_sums(a, 0..rows, b, false, &mut sink),
-            "portable" => tiled_sums(a, 0..rows, b, &mut sink, portable_tile),
+            "portable" => tiled_sums(a, 0..rows, b, &mut sink, PortableBlock),
             _ => product_sums(a, 0..rows, b, true, &mut sink),
         }
         sink.out
