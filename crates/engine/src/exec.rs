@@ -935,30 +935,15 @@ impl kernels::Sink for ShiftedSink<'_, '_> {
     #[inline(always)]
     fn take(&mut self, row: usize, first_col: usize, sums: &[i64]) {
         let mut values = [0i32; kernels::PANEL];
-        let c = &self.channels;
-        requantize_run(
-            &mut values[..sums.len()],
-            sums,
-            c.bias[row],
-            c.requant[row],
-            c.low,
-            c.high,
-        );
+        self.channels.requantize_row(row, &mut values[..sums.len()], sums);
         self.place(row, first_col, &values[..sums.len()]);
     }
 
     #[inline(always)]
     fn take_narrow(&mut self, row: usize, first_col: usize, sums: &[i32]) {
         let mut values = [0i32; kernels::PANEL];
-        let c = &self.channels;
-        requantize_narrow(
-            &mut values[..sums.len()],
-            sums,
-            c.bias[row],
-            c.requant[row],
-            c.low,
-            c.high,
-        );
+        self.channels
+            .requantize_row_narrow(row, &mut values[..sums.len()], sums);
         self.place(row, first_col, &values[..sums.len()]);
     }
 }
@@ -973,6 +958,18 @@ impl<'a> Channels<'a> {
             low: self.low,
             high: self.high,
         }
+    }
+
+    /// Requantizes the sums of output channel `row` into `out`.
+    #[inline(always)]
+    fn requantize_row(&self, row: usize, out: &mut [i32], sums: &[i64]) {
+        requantize_run(out, sums, self.bias[row], self.requant[row], self.low, self.high);
+    }
+
+    /// [`Channels::requantize_row`] for sums below 2^31 in magnitude.
+    #[inline(always)]
+    fn requantize_row_narrow(&self, row: usize, out: &mut [i32], sums: &[i32]) {
+        requantize_narrow(out, sums, self.bias[row], self.requant[row], self.low, self.high);
     }
 }
 
@@ -991,34 +988,36 @@ impl kernels::Sink for RequantizeInto<'_> {
     #[inline(always)]
     fn take(&mut self, row: usize, first_col: usize, sums: &[i64]) {
         let out = &mut self.out[(row - self.first_row) * self.stride + first_col..][..sums.len()];
-        let c = &self.channels;
         if self.per_row {
-            requantize_run(out, sums, c.bias[row], c.requant[row], c.low, c.high);
+            self.channels.requantize_row(row, out, sums);
         } else {
-            let columns = first_col..first_col + sums.len();
-            for (((slot, sum), bias), requant) in out
-                .iter_mut()
-                .zip(sums)
-                .zip(&c.bias[columns.clone()])
-                .zip(&c.requant[columns])
-            {
-                *slot = requantize(*sum, *bias, *requant).max(c.low).min(c.high);
-            }
+            requantize_columns(&self.channels, out, first_col, sums.iter().copied());
         }
     }
 
     #[inline(always)]
     fn take_narrow(&mut self, row: usize, first_col: usize, sums: &[i32]) {
-        if !self.per_row {
-            let mut wide = [0i64; kernels::PANEL];
-            for (w, s) in wide.iter_mut().zip(sums) {
-                *w = i64::from(*s);
-            }
-            return self.take(row, first_col, &wide[..sums.len()]);
-        }
         let out = &mut self.out[(row - self.first_row) * self.stride + first_col..][..sums.len()];
-        let c = &self.channels;
-        requantize_narrow(out, sums, c.bias[row], c.requant[row], c.low, c.high);
+        if self.per_row {
+            self.channels.requantize_row_narrow(row, out, sums);
+        } else {
+            requantize_columns(&self.channels, out, first_col, sums.iter().map(|s| i64::from(*s)));
+        }
+    }
+}
+
+/// Requantizes sums of consecutive output channels from `first_col` (a dense layer's row), each
+/// with its own bias and multiplier.
+#[inline(always)]
+fn requantize_columns(channels: &Channels<'_>, out: &mut [i32], first_col: usize, sums: impl Iterator<Item = i64>) {
+    let columns = first_col..first_col + out.len();
+    for (((slot, sum), bias), requant) in out
+        .iter_mut()
+        .zip(sums)
+        .zip(&channels.bias[columns.clone()])
+        .zip(&channels.requant[columns])
+    {
+        *slot = requantize(sum, *bias, *requant).max(channels.low).min(channels.high);
     }
 }
 
