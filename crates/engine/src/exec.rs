@@ -550,7 +550,9 @@ struct Geometry {
     reads: Vec<usize>,
 }
 
-fn geometry(shape: &[usize], window: &Window, options: &ExecOptions) -> Result<Geometry, String> {
+/// The window's geometry over data of `shape`; the table of reads only `with_reads` (a stride-1
+/// convolution does without it).
+fn geometry(shape: &[usize], window: &Window, options: &ExecOptions, with_reads: bool) -> Result<Geometry, String> {
     let rank = window.kernel.len();
     if shape.len() != rank + 2 {
         return Err(format!(
@@ -587,9 +589,9 @@ fn geometry(shape: &[usize], window: &Window, options: &ExecOptions) -> Result<G
     let taps = element_count(&window.kernel, options)?;
     element_count(&[out_positions, taps], options)?;
     let in_positions: usize = spatial.iter().product();
-    let mut reads = Vec::with_capacity(out_positions * taps);
+    let mut reads = Vec::with_capacity(if with_reads { out_positions * taps } else { 0 });
     let mut out_index = vec![0usize; rank];
-    for _ in 0..out_positions {
+    for _ in 0..if with_reads { out_positions } else { 0 } {
         let mut tap = vec![0usize; rank];
         for _ in 0..taps {
             let mut position = 0usize;
@@ -667,7 +669,8 @@ struct ConvWeights<'a> {
 }
 
 fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITensor, String> {
-    let geometry = geometry(&x.shape, w.window, options)?;
+    let unit_strides = w.window.strides.iter().all(|s| *s == 1);
+    let mut geometry = geometry(&x.shape, w.window, options, !unit_strides)?;
     let (batch, group) = (x.shape[0], w.group);
     if x.shape[1] != w.c_in || group == 0 || !w.c_in.is_multiple_of(group) || !w.c_out.is_multiple_of(group) {
         return Err(format!(
@@ -692,17 +695,22 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     let image_size = w.c_out * geometry.out_positions;
     let mut data = vec![0i32; batch * image_size];
     let work = batch.saturating_mul(image_size).saturating_mul(row);
-    if w.window.strides.iter().all(|s| *s == 1) {
+    // The shifted layout indexes a chunk's output with `u32` targets.
+    if unit_strides && data.len() < u32::MAX as usize {
         let layout = ShiftedLayout::new(&x.shape[2..], w.window, &geometry, options)?;
         for_each_chunk(&mut data, image_size, work, options.threads, |first_image, chunk| {
             let images = chunk.len() / image_size;
-            let padded = layout.pad(&x.data[first_image * w.c_in * geometry.in_positions..], w.c_in, images);
+            let inputs = &x.data[first_image * w.c_in * geometry.in_positions..];
+            let shifted = layout.chunk(inputs, w.c_in, images, image_size);
             for (g, weights) in group_weights.iter().enumerate() {
-                let source = &padded[g * cig * images * layout.plane..];
-                layout.convolve(source, images, cig, weights, g * cog, w, chunk, options.simd);
+                layout.convolve(&shifted, g, weights, w, chunk, options.simd);
             }
         });
         return Ok(ITensor { shape, data });
+    }
+    if unit_strides {
+        // An output too large for the shifted layout's indices: the gather map needs the reads.
+        geometry = self::geometry(&x.shape, w.window, options, true)?;
     }
     let (positions, taps) = (geometry.out_positions, geometry.taps);
     // Strided: im2col as one gather per image and group. Column `p` holds the `cig * taps`
@@ -754,10 +762,11 @@ const SHIFTED_BLOCK_COLUMNS: usize = 32 * kernels::PANEL;
 struct ShiftedLayout {
     /// Elements of one padded image plane.
     plane: usize,
-    /// Padded image dimensions, and the input's.
-    padded: Vec<usize>,
-    spatial: Vec<usize>,
-    pads_before: Vec<usize>,
+    /// Elements of one input image plane, and of one of its rows (the last axis).
+    in_positions: usize,
+    row_width: usize,
+    /// Where each input row (all coordinates but the last) starts in a padded plane.
+    row_starts: Vec<usize>,
     /// Per tap (row-major over the kernel), its offset in a padded plane.
     tap_offsets: Vec<usize>,
     /// Columns one image spans: through its last output position.
@@ -788,6 +797,17 @@ impl ShiftedLayout {
             tap_offsets.push((0..rank).map(|a| tap[a] * window.dilations[a] * strides[a]).sum());
             increment(&mut tap, &window.kernel);
         }
+        let row_width = spatial.last().copied().unwrap_or(1);
+        let in_positions: usize = spatial.iter().product();
+        let mut row_starts = Vec::with_capacity(in_positions / row_width.max(1));
+        let mut coordinate = vec![0usize; rank.saturating_sub(1)];
+        for _ in 0..in_positions / row_width.max(1) {
+            let start = (0..rank)
+                .map(|a| (coordinate.get(a).copied().unwrap_or(0) + window.pads_before[a]) * strides[a])
+                .sum();
+            row_starts.push(start);
+            increment(&mut coordinate, &spatial[..rank.saturating_sub(1)]);
+        }
         // A padded position is an output position when every coordinate is below the output's.
         let out = &geometry.out_spatial;
         let mut targets = vec![DROPPED; plane];
@@ -804,9 +824,9 @@ impl ShiftedLayout {
         }
         Ok(Self {
             plane,
-            spatial: spatial.to_vec(),
-            pads_before: window.pads_before.clone(),
-            padded,
+            in_positions,
+            row_width,
+            row_starts,
             tap_offsets,
             image_columns: last_output + 1,
             targets,
@@ -815,10 +835,21 @@ impl ShiftedLayout {
         })
     }
 
-    /// Per column of a chunk of `images` images: where its value for output channel 0 lands in
-    /// the chunk's output, or [`DROPPED`].
-    fn column_targets(&self, images: usize, c_out: usize) -> Vec<u32> {
-        let image_size = c_out * self.out_positions;
+    /// A chunk of `images` images of `channels` channels from `data` (NC + spatial order): the
+    /// padded data as `[channel][image][padded plane]`, with one panel of zeros after the end for
+    /// the lanes past the last column, and where each column's value for output channel 0 lands
+    /// in the chunk's output (images of `image_size` values), or [`DROPPED`].
+    fn chunk(&self, data: &[i32], channels: usize, images: usize, image_size: usize) -> ShiftedChunk {
+        let mut padded = vec![0i32; channels * images * self.plane + kernels::PANEL];
+        for image in 0..images {
+            for channel in 0..channels {
+                let source = &data[(image * channels + channel) * self.in_positions..][..self.in_positions];
+                let plane = &mut padded[(channel * images + image) * self.plane..][..self.plane];
+                for (input_row, start) in source.chunks_exact(self.row_width.max(1)).zip(&self.row_starts) {
+                    plane[*start..*start + self.row_width].copy_from_slice(input_row);
+                }
+            }
+        }
         let mut targets = Vec::with_capacity(images * self.plane);
         for image in 0..images {
             let base = (image * image_size) as u32;
@@ -828,60 +859,28 @@ impl ShiftedLayout {
                     .map(|t| if *t == DROPPED { DROPPED } else { base + t }),
             );
         }
-        targets
+        ShiftedChunk {
+            padded,
+            images,
+            targets,
+        }
     }
 
-    /// `images` images of `channels` channels from `data` (NC + spatial order), as
-    /// `[channel][image][padded plane]`, with one panel of zeros after the end for the lanes past
-    /// the last column.
-    fn pad(&self, data: &[i32], channels: usize, images: usize) -> Vec<i32> {
-        let rank = self.spatial.len();
-        let in_positions: usize = self.spatial.iter().product();
-        let width = self.spatial.last().copied().unwrap_or(1);
-        let rows = in_positions / width.max(1);
-        let mut padded = vec![0i32; channels * images * self.plane + kernels::PANEL];
-        let mut strides = vec![1usize; rank];
-        for axis in (0..rank.saturating_sub(1)).rev() {
-            strides[axis] = strides[axis + 1] * self.padded[axis + 1];
-        }
-        // Where each input row (all coordinates but the last) starts in a padded plane.
-        let mut row_starts = Vec::with_capacity(rows);
-        let mut coordinate = vec![0usize; rank.saturating_sub(1)];
-        for _ in 0..rows {
-            let start = (0..rank)
-                .map(|a| (coordinate.get(a).copied().unwrap_or(0) + self.pads_before[a]) * strides[a])
-                .sum();
-            row_starts.push(start);
-            increment(&mut coordinate, &self.spatial[..rank.saturating_sub(1)]);
-        }
-        for image in 0..images {
-            for channel in 0..channels {
-                let source = &data[(image * channels + channel) * in_positions..][..in_positions];
-                let plane = &mut padded[(channel * images + image) * self.plane..][..self.plane];
-                for (input_row, start) in source.chunks_exact(width.max(1)).zip(&row_starts) {
-                    plane[*start..*start + width].copy_from_slice(input_row);
-                }
-            }
-        }
-        padded
-    }
-
-    /// One group's output channels `first_channel..` for the chunk's images, from the group's
-    /// padded data (`cig` channels).
-    #[allow(clippy::too_many_arguments)]
+    /// Group `group`'s output channels for the chunk's images.
     fn convolve(
         &self,
-        source: &[i32],
-        images: usize,
-        cig: usize,
+        chunk: &ShiftedChunk,
+        group: usize,
         weights: &PairedRows,
-        first_channel: usize,
         w: &ConvWeights<'_>,
         out: &mut [i32],
         simd: bool,
     ) {
+        let images = chunk.images;
+        let (cig, first_channel) = (w.c_in / w.group, group * weights.rows());
+        let source = &chunk.padded[group * cig * images * self.plane..];
         let columns = (images - 1) * self.plane + self.image_columns;
-        let targets = self.column_targets(images, w.c_out);
+        let targets = &chunk.targets;
         let row = cig * self.taps;
         let channel_stride = images * self.plane;
         let mut offsets: Vec<usize> = (0..row)
@@ -905,6 +904,13 @@ impl ShiftedLayout {
             }
         }
     }
+}
+
+/// A chunk of images in the shifted layout (see [`ShiftedLayout::chunk`]).
+struct ShiftedChunk {
+    padded: Vec<i32>,
+    images: usize,
+    targets: Vec<u32>,
 }
 
 /// Requantizes a stride-1 convolution's columns into NC + spatial output, dropping the columns
@@ -1077,7 +1083,7 @@ fn requantize(sum: i64, bias: i64, requant: Multiplier) -> i32 {
 
 /// Max pooling (`average: None`) or average pooling (`Some(count_include_pad)`).
 fn pool(x: &ITensor, window: &Window, average: Option<bool>, options: &ExecOptions) -> Result<ITensor, String> {
-    let geometry = geometry(&x.shape, window, options)?;
+    let geometry = geometry(&x.shape, window, options, true)?;
     let planes = x.shape[0] * x.shape[1];
     let mut shape = x.shape[..2].to_vec();
     shape.extend_from_slice(&geometry.out_spatial);
