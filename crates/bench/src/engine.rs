@@ -136,17 +136,20 @@ pub fn run(bench: &EngineBench) -> Result<()> {
                 })?;
                 report(&model_name, "vouch-exact", batch, threads, exact);
             }
-            // tract's runner is single-threaded: one figure serves every thread count.
-            let float_rate = rate(bench.seconds, || {
-                float.run(&given)?;
-                Ok(())
-            })?;
+            for &threads in &bench.threads {
+                let float_rate = rate(bench.seconds, || {
+                    float.run(&given, threads)?;
+                    Ok(())
+                })?;
+                report(&model_name, "vouch-float", batch, threads, float_rate);
+            }
+            // tract used plainly (one thread, the plan optimized for any batch): one figure
+            // serves every thread count.
             let tract_rate = rate(bench.seconds, || {
                 tract_plan.run(tract_inputs.clone())?;
                 Ok(())
             })?;
             for &threads in &bench.threads {
-                report(&model_name, "vouch-float", batch, threads, float_rate);
                 report(&model_name, "tract", batch, threads, tract_rate);
             }
         }

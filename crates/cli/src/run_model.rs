@@ -27,7 +27,7 @@ pub struct RunArgs {
     /// for an ONNX file, optional for a published model, which brings its own plan.
     #[arg(long, requires = "exact")]
     calibration: Option<PathBuf>,
-    /// Worker threads for the exact plan (default: every core). The bits do not depend on it.
+    /// Worker threads (default: every core). An exact plan's bits do not depend on it.
     #[arg(long)]
     threads: Option<usize>,
     /// Use the plain one-element-at-a-time kernels instead of the SIMD-friendly ones (same bits).
@@ -130,7 +130,7 @@ pub async fn run(node: &str, json_output: bool, args: &RunArgs) -> Result<()> {
     } else {
         report.insert("mode".into(), json!("float"));
         let model = load_onnx(&onnx().await?).with_context(|| args.model.clone())?;
-        FloatModel::new(&model)?.run(&inputs)?
+        FloatModel::new(&model)?.run(&inputs, exec_options(args.threads, args.no_simd).threads)?
     };
     report.insert(
         "output_hash".into(),

@@ -108,7 +108,10 @@ fn casts_to_float_and_bool_match_the_float_path() {
         "{names:?}"
     );
     let exact = execute(&plan, &inputs, &ExecOptions::default()).expect("exact");
-    let float = FloatModel::new(&model).expect("float").run(&inputs).expect("float run");
+    let float = FloatModel::new(&model)
+        .expect("float")
+        .run(&inputs, 1)
+        .expect("float run");
     assert_eq!(exact.outputs.len(), 2);
     for (got, want) in exact.outputs.iter().zip(&float) {
         assert_eq!(got.name, want.name);

@@ -87,7 +87,10 @@ fn minilm_exact_plan_matches_the_float_model_on_held_out_sentences() {
     assert!(mask.contains(&0), "some sentences are padded, so masking is exercised");
 
     let exact = execute(&plan, &test, &ExecOptions::default()).expect("exact run");
-    let float = FloatModel::new(&model).expect("float").run(&test).expect("float run");
+    let float = FloatModel::new(&model)
+        .expect("float")
+        .run(&test, 2)
+        .expect("float run");
     let exact_embeddings = embeddings(hidden_states(&exact.outputs), mask, tokens);
     let float_embeddings = embeddings(hidden_states(&float), mask, tokens);
     let cosines: Vec<f64> = exact_embeddings

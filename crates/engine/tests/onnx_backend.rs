@@ -158,7 +158,7 @@ fn run_one(dir: &Path) -> Result<(), String> {
             given.name = Some(spec.name.clone());
         }
     }
-    let outputs = float.run(&inputs).map_err(|e| e.to_string())?;
+    let outputs = float.run(&inputs, 1).map_err(|e| e.to_string())?;
     if outputs.len() != expected.len() {
         return Err(format!("{} outputs, expected {}", outputs.len(), expected.len()));
     }

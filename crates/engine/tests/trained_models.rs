@@ -56,7 +56,10 @@ fn exact_plan_agrees_with_the_float_model_on_held_out_digits() {
         let TensorData::I64(labels) = labels[0].tensor.data() else {
             panic!("labels are int64");
         };
-        let float = FloatModel::new(&model).expect("float").run(&input).expect("float run");
+        let float = FloatModel::new(&model)
+            .expect("float")
+            .run(&input, 1)
+            .expect("float run");
         let exact = execute(&plan, &input, &ExecOptions::default()).expect("exact run");
         let (TensorData::F32(f), TensorData::F32(e)) = (float[0].tensor.data(), exact.outputs[0].tensor.data()) else {
             panic!("float outputs");
@@ -239,4 +242,61 @@ fn malformed_models_are_errors_not_panics() {
     assert!(error.to_string().contains("not produced"), "{error}");
     assert!(load_onnx(b"\x08\x07garbage").is_err());
     assert!(load_onnx(&[]).is_err());
+}
+
+/// The first `count` digits of the held-out set, as the CNN's input.
+fn first_digits(count: usize) -> Vec<NamedTensor> {
+    let test = tensors("data/digits_test.npz");
+    let input = named(&test, "input");
+    let TensorData::F32(values) = input.tensor.data() else {
+        panic!("digits are float32");
+    };
+    let width = input.tensor.shape()[1];
+    let tensor = vouch_tensor::Tensor::new(
+        vec![count, width],
+        TensorData::F32(values[..count * width].to_vec()),
+    )
+    .expect("rows");
+    vec![NamedTensor {
+        name: input.name.clone(),
+        tensor,
+    }]
+}
+
+fn float_values(outputs: &[NamedTensor]) -> Vec<f32> {
+    let TensorData::F32(values) = outputs[0].tensor.data() else {
+        panic!("float outputs");
+    };
+    values.clone()
+}
+
+#[test]
+fn float_model_specializes_a_shape_that_comes_back_and_forgets_old_ones() {
+    let bytes = std::fs::read(fixture("models/digits_cnn.onnx")).expect("model");
+    let float = FloatModel::new(&load_onnx(&bytes).expect("load")).expect("float");
+    let batch = first_digits(32);
+    let general = float_values(&float.run(&batch, 1).expect("first run"));
+    assert_eq!(float.specialized_shapes(), 0, "a shape seen once runs the general plan");
+    let specialized = float_values(&float.run(&batch, 1).expect("second run"));
+    assert_eq!(float.specialized_shapes(), 1, "a shape seen twice gets its own plan");
+    let threaded = float_values(&float.run(&batch, 2).expect("two threads"));
+    for values in [&specialized, &threaded] {
+        let max_difference = general
+            .iter()
+            .zip(values.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max_difference < 1e-4, "plans disagree by {max_difference}");
+    }
+    // Shapes beyond the remembered few push the oldest (and its plan) out.
+    for count in 1..=12 {
+        let rows = first_digits(count);
+        float.run(&rows, 1).expect("run");
+        float.run(&rows, 1).expect("run again");
+    }
+    assert_eq!(float.specialized_shapes(), 8);
+    // A forgotten shape starts over, taking the place (and plan) of the oldest one.
+    let again = float_values(&float.run(&batch, 1).expect("forgotten shape"));
+    assert_eq!(float.specialized_shapes(), 7);
+    assert_eq!(again, general, "a forgotten shape runs the general plan again");
 }

@@ -139,7 +139,12 @@ fn answer(
             })?;
             (answer.outputs, Some((plan.id(), answer.trace_root)))
         }
-        Prepared::Float(model) => (model.run(&inputs).map_err(|e| input_error(e.to_string()))?, None),
+        Prepared::Float(model) => (
+            model
+                .run(&inputs, state.limits.inference_threads)
+                .map_err(|e| input_error(e.to_string()))?,
+            None,
+        ),
     };
     let input_hash = tensors_hash(&inputs);
     let receipt = ReceiptBody {
