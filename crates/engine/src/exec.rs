@@ -13,7 +13,7 @@ use vouch_tensor::{DType, NamedTensor, Tensor, TensorData};
 
 use crate::fixed::{ACTIVATION_MAX, Multiplier, div_round, quantize_f32_bits, saturate};
 use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim, Window};
-use kernels::{GatherMap, PairedRows, Panels, product_sums};
+use kernels::{GatherMap, Lanes, PairedRows, Panels, Rescale, product_sums};
 
 /// Entries of a lookup table: one for each activation from -32767 to 32767.
 pub const LOOKUP_ENTRIES: usize = 2 * ACTIVATION_MAX as usize + 1;
@@ -639,6 +639,9 @@ struct Channels<'a> {
     requant: &'a [Multiplier],
     low: i32,
     high: i32,
+    /// The vector instructions the sums are rescaled with (same bits either way), set from the
+    /// execution options by the layer that runs.
+    lanes: Lanes,
 }
 
 impl<'a> Channels<'a> {
@@ -655,6 +658,7 @@ impl<'a> Channels<'a> {
             requant,
             low,
             high,
+            lanes: Lanes::default(),
         })
     }
 }
@@ -670,7 +674,7 @@ struct ConvWeights<'a> {
 
 fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITensor, String> {
     let unit_strides = w.window.strides.iter().all(|s| *s == 1);
-    let mut geometry = geometry(&x.shape, w.window, options, !unit_strides)?;
+    let geometry = geometry(&x.shape, w.window, options, !unit_strides)?;
     let (batch, group) = (x.shape[0], w.group);
     if x.shape[1] != w.c_in || group == 0 || !w.c_in.is_multiple_of(group) || !w.c_out.is_multiple_of(group) {
         return Err(format!(
@@ -680,7 +684,7 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     }
     let (cig, cog) = (w.c_in / group, w.c_out / group);
     let row = cig * geometry.taps;
-    let channels = &w.channels;
+    let channels = &w.channels.for_run(options);
     if channels.weights.len() != w.c_out * row || channels.bias.len() != w.c_out || channels.requant.len() != w.c_out {
         return Err("weight, bias and requantization sizes disagree".into());
     }
@@ -695,22 +699,24 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     let image_size = w.c_out * geometry.out_positions;
     let mut data = vec![0i32; batch * image_size];
     let work = batch.saturating_mul(image_size).saturating_mul(row);
-    // The shifted layout indexes a chunk's output with `u32` targets.
-    if unit_strides && data.len() < u32::MAX as usize {
+    if unit_strides {
         let layout = ShiftedLayout::new(&x.shape[2..], w.window, &geometry, options)?;
+        // The sums of every padded position, before the ones that are outputs are kept.
+        element_count(&[w.c_out, batch, layout.plane], options)?;
         for_each_chunk(&mut data, image_size, work, options.threads, |first_image, chunk| {
             let images = chunk.len() / image_size;
             let inputs = &x.data[first_image * w.c_in * geometry.in_positions..];
-            let shifted = layout.chunk(inputs, w.c_in, images, image_size);
+            let shifted = layout.chunk(inputs, w.c_in, images);
+            let mut padded_out = vec![0i32; w.c_out * shifted.columns];
+            // Every group's patches have the same size: one buffer serves them all.
+            let mut patches = Panels::zeroed(SHIFTED_BLOCK_COLUMNS.min(shifted.columns), row);
             for (g, weights) in group_weights.iter().enumerate() {
-                layout.convolve(&shifted, g, weights, w, chunk, options.simd);
+                let out = (&mut patches, &mut padded_out[..]);
+                layout.convolve(&shifted, g, weights, (w, channels), out, options.simd);
             }
+            layout.keep_outputs(&padded_out, shifted.columns, w.c_out, chunk);
         });
         return Ok(ITensor { shape, data });
-    }
-    if unit_strides {
-        // An output too large for the shifted layout's indices: the gather map needs the reads.
-        geometry = self::geometry(&x.shape, w.window, options, true)?;
     }
     let (positions, taps) = (geometry.out_positions, geometry.taps);
     // Strided: im2col as one gather per image and group. Column `p` holds the `cig * taps`
@@ -745,9 +751,6 @@ fn conv(x: &ITensor, w: &ConvWeights<'_>, options: &ExecOptions) -> Result<ITens
     Ok(ITensor { shape, data })
 }
 
-/// Marks a padded position that is not an output position.
-const DROPPED: u32 = u32::MAX;
-
 /// Columns of a stride-1 convolution's patch matrix that one gather fills at a time (bounds the
 /// packed patches' memory whatever the batch and image size).
 const SHIFTED_BLOCK_COLUMNS: usize = 32 * kernels::PANEL;
@@ -757,8 +760,8 @@ const SHIFTED_BLOCK_COLUMNS: usize = 32 * kernels::PANEL;
 /// the input that output column `j` reads at tap `t` is `j + offset[t]` for every `j`. Column `j`
 /// stands for the padded position `j` (its image, then its place in the padded image), so the
 /// patch matrix is read straight from shifted runs of the data instead of through a gather map,
-/// and its columns run on across images. Columns at padded positions that are not output
-/// positions are computed and dropped when the sums are written out.
+/// and its columns run on across images. The sums are requantized into the same padded layout,
+/// a contiguous run per panel, and the runs that are output rows are then copied out.
 struct ShiftedLayout {
     /// Elements of one padded image plane.
     plane: usize,
@@ -771,8 +774,10 @@ struct ShiftedLayout {
     tap_offsets: Vec<usize>,
     /// Columns one image spans: through its last output position.
     image_columns: usize,
-    /// Per padded position: the output position it is, or [`DROPPED`].
-    targets: Vec<u32>,
+    /// Where each output row starts in a padded plane (output position `o` is the padded
+    /// position with the same coordinates, whose window starts there), and its width.
+    out_row_starts: Vec<usize>,
+    out_width: usize,
     taps: usize,
     out_positions: usize,
 }
@@ -784,9 +789,6 @@ impl ShiftedLayout {
             .map(|a| spatial[a] + window.pads_before[a] + window.pads_after[a])
             .collect();
         let plane = element_count(&padded, options)?;
-        if plane >= u32::MAX as usize {
-            return Err(format!("padded images of {plane} elements are too large to index"));
-        }
         let mut strides = vec![1usize; rank];
         for axis in (0..rank.saturating_sub(1)).rev() {
             strides[axis] = strides[axis + 1] * padded[axis + 1];
@@ -808,28 +810,27 @@ impl ShiftedLayout {
             row_starts.push(start);
             increment(&mut coordinate, &spatial[..rank.saturating_sub(1)]);
         }
-        // A padded position is an output position when every coordinate is below the output's.
-        let out = &geometry.out_spatial;
-        let mut targets = vec![DROPPED; plane];
-        let mut coordinate = vec![0usize; rank];
-        let mut target = 0u32;
-        let mut last_output = 0;
-        for (p, slot) in targets.iter_mut().enumerate() {
-            if coordinate.iter().zip(out).all(|(c, o)| c < o) {
-                *slot = target;
-                target += 1;
-                last_output = p;
-            }
-            increment(&mut coordinate, &padded);
+        let (out_width, outer) = match geometry.out_spatial.split_last() {
+            Some((width, outer)) => (*width, outer),
+            None => (1, &[][..]),
+        };
+        let out_rows: usize = outer.iter().product();
+        let mut out_row_starts = Vec::with_capacity(out_rows);
+        let mut coordinate = vec![0usize; outer.len()];
+        for _ in 0..out_rows {
+            out_row_starts.push(coordinate.iter().zip(&strides).map(|(c, s)| c * s).sum::<usize>());
+            increment(&mut coordinate, outer);
         }
+        let image_columns = out_row_starts.last().map_or(0, |start| start + out_width);
         Ok(Self {
             plane,
             in_positions,
             row_width,
             row_starts,
             tap_offsets,
-            image_columns: last_output + 1,
-            targets,
+            image_columns,
+            out_row_starts,
+            out_width,
             taps: geometry.taps,
             out_positions: geometry.out_positions,
         })
@@ -837,9 +838,8 @@ impl ShiftedLayout {
 
     /// A chunk of `images` images of `channels` channels from `data` (NC + spatial order): the
     /// padded data as `[channel][image][padded plane]`, with one panel of zeros after the end for
-    /// the lanes past the last column, and where each column's value for output channel 0 lands
-    /// in the chunk's output (images of `image_size` values), or [`DROPPED`].
-    fn chunk(&self, data: &[i32], channels: usize, images: usize, image_size: usize) -> ShiftedChunk {
+    /// the lanes past the last column.
+    fn chunk(&self, data: &[i32], channels: usize, images: usize) -> ShiftedChunk {
         let mut padded = vec![0i32; channels * images * self.plane + kernels::PANEL];
         for image in 0..images {
             for channel in 0..channels {
@@ -850,57 +850,61 @@ impl ShiftedLayout {
                 }
             }
         }
-        let mut targets = Vec::with_capacity(images * self.plane);
-        for image in 0..images {
-            let base = (image * image_size) as u32;
-            targets.extend(
-                self.targets
-                    .iter()
-                    .map(|t| if *t == DROPPED { DROPPED } else { base + t }),
-            );
-        }
         ShiftedChunk {
             padded,
             images,
-            targets,
+            columns: (images - 1) * self.plane + self.image_columns,
         }
     }
 
-    /// Group `group`'s output channels for the chunk's images.
+    /// Group `group`'s output channels for the chunk's images, requantized into `padded_out`
+    /// (`[channel][column]`, `chunk.columns` columns per channel), packing the patches a block
+    /// at a time into `patches` (made for the block's columns and the group's row length).
     fn convolve(
         &self,
         chunk: &ShiftedChunk,
         group: usize,
         weights: &PairedRows,
-        w: &ConvWeights<'_>,
-        out: &mut [i32],
+        (w, channels): (&ConvWeights<'_>, &Channels<'_>),
+        (patches, padded_out): (&mut Panels, &mut [i32]),
         simd: bool,
     ) {
-        let images = chunk.images;
         let (cig, first_channel) = (w.c_in / w.group, group * weights.rows());
-        let source = &chunk.padded[group * cig * images * self.plane..];
-        let columns = (images - 1) * self.plane + self.image_columns;
-        let targets = &chunk.targets;
+        let channel_stride = chunk.images * self.plane;
+        let source = &chunk.padded[group * cig * channel_stride..];
+        let columns = chunk.columns;
         let row = cig * self.taps;
-        let channel_stride = images * self.plane;
         let mut offsets: Vec<usize> = (0..row)
             .map(|kk| (kk / self.taps) * channel_stride + self.tap_offsets[kk % self.taps])
             .collect();
-        let mut patches = Panels::zeroed(SHIFTED_BLOCK_COLUMNS.min(columns), row);
         let rows = first_channel..first_channel + weights.rows();
         for first_column in (0..columns).step_by(SHIFTED_BLOCK_COLUMNS) {
             let count = SHIFTED_BLOCK_COLUMNS.min(columns - first_column);
             patches.fill_shifted(count, &offsets, source);
-            let mut sink = ShiftedSink {
-                out: &mut *out,
-                targets: &targets[first_column..first_column + count],
-                first_channel,
-                out_positions: self.out_positions,
-                channels: w.channels.select(rows.clone()),
+            let mut sink = RequantizeInto {
+                out: &mut padded_out[first_channel * columns + first_column..],
+                stride: columns,
+                first_row: 0,
+                channels: channels.select(rows.clone()),
+                per_row: true,
             };
-            product_sums(weights, 0..weights.rows(), &patches, simd, &mut sink);
+            product_sums(weights, 0..weights.rows(), patches, simd, &mut sink);
             for offset in &mut offsets {
                 *offset += SHIFTED_BLOCK_COLUMNS;
+            }
+        }
+    }
+
+    /// Copies the output rows of every image and channel from the padded layout into `out`
+    /// (NC + spatial order).
+    fn keep_outputs(&self, padded_out: &[i32], columns: usize, channels: usize, out: &mut [i32]) {
+        let width = self.out_width;
+        for (image, out) in out.chunks_exact_mut(channels * self.out_positions).enumerate() {
+            for (channel, out) in out.chunks_exact_mut(self.out_positions).enumerate() {
+                let plane = &padded_out[channel * columns + image * self.plane..];
+                for (out_row, start) in out.chunks_exact_mut(width).zip(&self.out_row_starts) {
+                    out_row.copy_from_slice(&plane[*start..*start + width]);
+                }
             }
         }
     }
@@ -910,51 +914,20 @@ impl ShiftedLayout {
 struct ShiftedChunk {
     padded: Vec<i32>,
     images: usize,
-    targets: Vec<u32>,
-}
-
-/// Requantizes a stride-1 convolution's columns into NC + spatial output, dropping the columns
-/// that are not output positions.
-struct ShiftedSink<'a, 'b> {
-    out: &'a mut [i32],
-    /// Per column of the block: where its value for output channel 0 goes, or [`DROPPED`].
-    targets: &'a [u32],
-    first_channel: usize,
-    out_positions: usize,
-    channels: Channels<'b>,
-}
-
-impl ShiftedSink<'_, '_> {
-    /// Writes one row's requantized `values` of columns `first_col..` where they land.
-    #[inline(always)]
-    fn place(&mut self, row: usize, first_col: usize, values: &[i32]) {
-        let channel = (self.first_channel + row) * self.out_positions;
-        for (value, target) in values.iter().zip(&self.targets[first_col..]) {
-            if *target != DROPPED {
-                self.out[channel + *target as usize] = *value;
-            }
-        }
-    }
-}
-
-impl kernels::Sink for ShiftedSink<'_, '_> {
-    #[inline(always)]
-    fn take(&mut self, row: usize, first_col: usize, sums: &[i64]) {
-        let mut values = [0i32; kernels::PANEL];
-        self.channels.requantize_row(row, &mut values[..sums.len()], sums);
-        self.place(row, first_col, &values[..sums.len()]);
-    }
-
-    #[inline(always)]
-    fn take_narrow(&mut self, row: usize, first_col: usize, sums: &[i32]) {
-        let mut values = [0i32; kernels::PANEL];
-        self.channels
-            .requantize_row_narrow(row, &mut values[..sums.len()], sums);
-        self.place(row, first_col, &values[..sums.len()]);
-    }
+    /// Columns the products run over: every padded position through the last image's last
+    /// output.
+    columns: usize,
 }
 
 impl<'a> Channels<'a> {
+    /// The same constants, rescaled with the instructions `options` allow.
+    fn for_run(&self, options: &ExecOptions) -> Channels<'a> {
+        Channels {
+            lanes: Lanes::new(options.simd),
+            ..*self
+        }
+    }
+
     /// The output channels in `rows` (a group's).
     fn select(&self, rows: std::ops::Range<usize>) -> Channels<'a> {
         Channels {
@@ -963,6 +936,7 @@ impl<'a> Channels<'a> {
             requant: &self.requant[rows],
             low: self.low,
             high: self.high,
+            lanes: self.lanes,
         }
     }
 
@@ -975,7 +949,14 @@ impl<'a> Channels<'a> {
     /// [`Channels::requantize_row`] for sums below 2^31 in magnitude.
     #[inline(always)]
     fn requantize_row_narrow(&self, row: usize, out: &mut [i32], sums: &[i32]) {
-        requantize_narrow(out, sums, self.bias[row], self.requant[row], self.low, self.high);
+        requantize_narrow(
+            self.lanes,
+            out,
+            sums,
+            self.bias[row],
+            self.requant[row],
+            (self.low, self.high),
+        );
     }
 }
 
@@ -1029,21 +1010,28 @@ fn requantize_columns(channels: &Channels<'_>, out: &mut [i32], first_col: usize
 
 /// [`requantize_run`] for sums below 2^31 in magnitude: with a 32-bit multiplier and a bias
 /// below 2^30, `sum * m + bias * m + half` stays below 2^63 (2^62 + 2^61 + 2^61), so the rule
-/// is computed in 64 bits with no per-value check, from 32-bit sums the compiler multiplies in
-/// vector lanes.
+/// is computed in 64 bits with no per-value check, in vector lanes where `lanes` allows.
 #[inline(always)]
-fn requantize_narrow(out: &mut [i32], sums: &[i32], bias: i64, requant: Multiplier, low: i32, high: i32) {
+fn requantize_narrow(
+    lanes: Lanes,
+    out: &mut [i32],
+    sums: &[i32],
+    bias: i64,
+    requant: Multiplier,
+    (low, high): (i32, i32),
+) {
     if let Ok(m) = i32::try_from(requant.m)
         && (1..63).contains(&requant.shift)
         && bias.unsigned_abs() < 1 << 30
     {
-        let m = i64::from(m);
-        let offset = bias * m + (1i64 << (requant.shift - 1));
-        let (low, high) = (i64::from(low), i64::from(high));
-        for (slot, sum) in out.iter_mut().zip(sums) {
-            *slot = ((i64::from(*sum) * m + offset) >> requant.shift).max(low).min(high) as i32;
-        }
-        return;
+        let rescale = Rescale {
+            m,
+            offset: bias * i64::from(m) + (1i64 << (requant.shift - 1)),
+            shift: requant.shift,
+            low,
+            high,
+        };
+        return kernels::rescale_narrow(lanes, out, sums, rescale);
     }
     for (slot, sum) in out.iter_mut().zip(sums) {
         *slot = requantize(i64::from(*sum), bias, requant).max(low).min(high);
@@ -1171,7 +1159,9 @@ fn dot_scalar(x: &[i16], w: &[i16]) -> i64 {
 /// Checks that every value is an activation, as [`product_operands`] does, without converting.
 fn check_operands(values: &[i32]) -> Result<(), String> {
     let limit = ACTIVATION_MAX as u32;
-    if values.iter().all(|v| v.unsigned_abs() <= limit) {
+    // A reduction without an early exit, which the compiler vectorizes; the slow path below
+    // finds the offending value for the message.
+    if values.iter().fold(0, |largest, v| v.unsigned_abs().max(largest)) <= limit {
         return Ok(());
     }
     product_operands(values).map(|_| ())
@@ -1667,20 +1657,25 @@ mod tests {
         /// biases (inside and outside its fast range) and multipliers.
         #[test]
         fn narrow_requantization_follows_the_rule(
-            sums in proptest::collection::vec(any::<i32>(), 0..17),
+            sums in proptest::collection::vec(
+                prop_oneof![any::<i32>(), Just(i32::MIN), Just(i32::MAX), -100i32..100],
+                0..17,
+            ),
             bias in prop_oneof![-(1i64 << 30)..(1i64 << 30), any::<i64>()],
-            m in prop_oneof![0i64..(1 << 31), any::<i64>()],
-            shift in 0u32..=Multiplier::MAX_SHIFT,
+            m in prop_oneof![0i64..(1 << 31), Just(i64::from(i32::MIN)), any::<i32>().prop_map(i64::from), any::<i64>()],
+            shift in prop_oneof![0u32..=Multiplier::MAX_SHIFT, Just(1u32), Just(62u32)],
             (low, high) in (-32767i32..=32767).prop_flat_map(|low| (Just(low), low..=32767)),
         ) {
             let requant = Multiplier { m, shift };
-            let mut out = vec![0i32; sums.len()];
-            requantize_narrow(&mut out, &sums, bias, requant, low, high);
             let expected: Vec<i32> = sums
                 .iter()
                 .map(|s| requantize(i64::from(*s), bias, requant).clamp(low, high))
                 .collect();
-            prop_assert_eq!(out, expected);
+            for simd in [false, true] {
+                let mut out = vec![0i32; sums.len()];
+                requantize_narrow(Lanes::new(simd), &mut out, &sums, bias, requant, (low, high));
+                prop_assert_eq!(&out, &expected, "simd {}", simd);
+            }
         }
     }
 

@@ -252,11 +252,8 @@ fn first_digits(count: usize) -> Vec<NamedTensor> {
         panic!("digits are float32");
     };
     let width = input.tensor.shape()[1];
-    let tensor = vouch_tensor::Tensor::new(
-        vec![count, width],
-        TensorData::F32(values[..count * width].to_vec()),
-    )
-    .expect("rows");
+    let tensor =
+        vouch_tensor::Tensor::new(vec![count, width], TensorData::F32(values[..count * width].to_vec())).expect("rows");
     vec![NamedTensor {
         name: input.name.clone(),
         tensor,

@@ -286,6 +286,141 @@ impl pulp::NullaryFnOnce for FillShifted<'_> {
     }
 }
 
+/// The vector instructions the sinks may use to rescale sums: AVX2 where the product kernels
+/// run with it, else none.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Lanes {
+    #[cfg(target_arch = "x86_64")]
+    v3: Option<V3>,
+}
+
+impl Lanes {
+    /// The best the CPU has when `simd`, else none (the reference loops).
+    pub(super) fn new(simd: bool) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        return Self {
+            v3: if simd { V3::try_new() } else { None },
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = simd;
+            Self {}
+        }
+    }
+}
+
+/// A rescale of 32-bit sums: `((sum * m + offset) >> shift)` clamped to `low..=high`, where the
+/// maker guarantees `|sum * m + offset| < 2^63` for every 32-bit sum, `shift` in `1..63` and
+/// `-32767 <= low <= high <= 32767`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Rescale {
+    pub(super) m: i32,
+    pub(super) offset: i64,
+    pub(super) shift: u32,
+    pub(super) low: i32,
+    pub(super) high: i32,
+}
+
+/// Writes each sum rescaled.
+#[inline(always)]
+pub(super) fn rescale_narrow(lanes: Lanes, out: &mut [i32], sums: &[i32], rescale: Rescale) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = lanes.v3 {
+        done = rescale_lanes(v3, out, sums, rescale);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = lanes;
+    let Rescale {
+        m,
+        offset,
+        shift,
+        low,
+        high,
+    } = rescale;
+    let (m, low, high) = (i64::from(m), i64::from(low), i64::from(high));
+    for (slot, sum) in out[done..].iter_mut().zip(&sums[done..]) {
+        *slot = ((i64::from(*sum) * m + offset) >> shift).clamp(low, high) as i32;
+    }
+}
+
+/// [`rescale_narrow`] eight sums at a time; returns how many it wrote. AVX2 has no 64-bit
+/// arithmetic shift or 64-bit min/max, so each value `x` is moved to `x + 2^63` (non-negative
+/// as an unsigned number); a logical shift of that is `(x >> shift) + 2^(63 - shift)` exactly,
+/// and the clamp compares against the bounds moved the same way, all of them below 2^63 so the
+/// signed 64-bit comparison orders them. The low 32 bits of the clamped value less those of
+/// `2^(63 - shift)` are the result.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn rescale_lanes(v3: V3, out: &mut [i32], sums: &[i32], rescale: Rescale) -> usize {
+    let Rescale {
+        m,
+        offset,
+        shift,
+        low,
+        high,
+    } = rescale;
+    use pulp::cast;
+    use std::arch::x86_64::__m256i;
+    let (avx, avx2) = (v3.avx, v3.avx2);
+    let moved = 1i64 << (63 - shift);
+    let m = avx._mm256_set1_epi64x(i64::from(m));
+    let offset = avx._mm256_set1_epi64x(offset.wrapping_add(i64::MIN));
+    let count = avx._mm256_set1_epi64x(i64::from(shift));
+    let (i32_low, i32_high) = (low, high);
+    let (low, high) = (
+        avx._mm256_set1_epi64x(i64::from(low) + moved),
+        avx._mm256_set1_epi64x(i64::from(high) + moved),
+    );
+    let moved_low = avx._mm256_set1_epi32(moved as i32);
+    let bounds = [offset, count, low, high];
+    let (chunks, _) = sums.as_chunks::<8>();
+    let (slots, _) = out.as_chunks_mut::<8>();
+    if shift >= 33 {
+        // The moved value is below 2^64, so its high half shifted by `shift - 32` is below
+        // 2^31: the shift and the clamp can both be done on 32-bit lanes.
+        let count = v3.sse2._mm_cvtsi32_si128((shift - 32) as i32);
+        let (low, high) = (
+            avx._mm256_set1_epi32(i32_low + moved as i32),
+            avx._mm256_set1_epi32(i32_high + moved as i32),
+        );
+        for (slot, chunk) in slots.iter_mut().zip(chunks) {
+            let sums: __m256i = cast(*chunk);
+            let even = avx2._mm256_add_epi64(avx2._mm256_mul_epi32(sums, m), offset);
+            let odd = avx2._mm256_add_epi64(avx2._mm256_mul_epi32(avx2._mm256_srli_epi64::<32>(sums), m), offset);
+            let high_halves = avx2._mm256_blend_epi32::<0b1010_1010>(avx2._mm256_srli_epi64::<32>(even), odd);
+            let moved_values = avx2._mm256_srl_epi32(high_halves, count);
+            let clamped = avx2._mm256_min_epi32(avx2._mm256_max_epi32(moved_values, low), high);
+            *slot = cast(avx2._mm256_sub_epi32(clamped, moved_low));
+        }
+        return 8 * chunks.len().min(slots.len());
+    }
+    for (slot, chunk) in slots.iter_mut().zip(chunks) {
+        let sums: __m256i = cast(*chunk);
+        let even = rescale_products(v3, avx2._mm256_mul_epi32(sums, m), bounds);
+        let odd = rescale_products(v3, avx2._mm256_mul_epi32(avx2._mm256_srli_epi64::<32>(sums), m), bounds);
+        let joined = avx2._mm256_blend_epi32::<0b1010_1010>(even, avx2._mm256_slli_epi64::<32>(odd));
+        *slot = cast(avx2._mm256_sub_epi32(joined, moved_low));
+    }
+    8 * chunks.len().min(slots.len())
+}
+
+/// One vector of [`rescale_lanes`]: four 64-bit products offset, shifted and clamped, given
+/// `[offset, shift count, low, high]` as moved there.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn rescale_products(
+    v3: V3,
+    products: std::arch::x86_64::__m256i,
+    bounds: [std::arch::x86_64::__m256i; 4],
+) -> std::arch::x86_64::__m256i {
+    let avx2 = v3.avx2;
+    let [offset, count, low, high] = bounds;
+    let x = avx2._mm256_srlv_epi64(avx2._mm256_add_epi64(products, offset), count);
+    let x = avx2._mm256_blendv_epi8(x, low, avx2._mm256_cmpgt_epi64(low, x));
+    avx2._mm256_blendv_epi8(x, high, avx2._mm256_cmpgt_epi64(x, high))
+}
+
 /// Where the kernels hand their sums: runs of consecutive columns of one row.
 pub(super) trait Sink {
     /// Takes `sums` of `row`, columns `first_col..first_col + sums.len()`.
@@ -335,15 +470,15 @@ fn scalar_sums(a: &PairedRows, rows: Range<usize>, b: &Panels, sink: &mut impl S
     }
 }
 
-/// Sums of one block of a tile: [`TILE_ROWS`] rows against one panel, over at most
-/// [`PAIRS_PER_BLOCK`] pairs, so each fits 32 bits.
-type Block = [[i32; PANEL]; TILE_ROWS];
+/// Sums of one block of a tile: `R` rows (at most [`TILE_ROWS`]) against one panel, over at
+/// most [`PAIRS_PER_BLOCK`] pairs, so each fits 32 bits.
+type Block<const R: usize> = [[i32; PANEL]; R];
 
 /// Computes one [`Block`]. (A trait with an always-inlined method, not a closure: the AVX2 code
 /// must be inlined into the function compiled with AVX2 enabled, and the compiler inlines a
 /// closure called from two places only when it sees fit.)
 trait BlockKernel {
-    fn block(&self, x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block;
+    fn block<const R: usize>(&self, x: [&[i32]; R], weights: &[[i16; 2 * PANEL]]) -> Block<R>;
 }
 
 /// Walks the tiles, computing each block with `kernel` (rows past the end read zeros and are not
@@ -358,6 +493,12 @@ fn tiled_sums(a: &PairedRows, rows: Range<usize>, b: &Panels, sink: &mut impl Si
         for panel in 0..b.cols.div_ceil(PANEL) {
             let weights = b.panel(panel);
             let width = PANEL.min(b.cols - panel * PANEL);
+            if a.pairs <= PAIRS_PER_BLOCK && present == 1 {
+                // A tile of one row (a depthwise convolution's group) computes only that row.
+                let sums = kernel.block([x[0]], weights);
+                sink.take_narrow(first, panel * PANEL, &sums[0][..width]);
+                continue;
+            }
             if a.pairs <= PAIRS_PER_BLOCK {
                 let sums = kernel.block(x, weights);
                 for (r, sums) in sums.iter().enumerate().take(present) {
@@ -368,7 +509,8 @@ fn tiled_sums(a: &PairedRows, rows: Range<usize>, b: &Panels, sink: &mut impl Si
             let mut total = [[0i64; PANEL]; TILE_ROWS];
             for (index, weights) in weights.chunks(PAIRS_PER_BLOCK).enumerate() {
                 let start = index * PAIRS_PER_BLOCK;
-                let sums = kernel.block(std::array::from_fn(|r| &x[r][start..start + weights.len()]), weights);
+                let sums: Block<TILE_ROWS> =
+                    kernel.block(std::array::from_fn(|r| &x[r][start..start + weights.len()]), weights);
                 for (total, sums) in total.iter_mut().zip(&sums) {
                     for (t, s) in total.iter_mut().zip(sums) {
                         *t += i64::from(*s);
@@ -388,14 +530,14 @@ struct PortableBlock;
 
 impl BlockKernel for PortableBlock {
     #[inline(always)]
-    fn block(&self, x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block {
+    fn block<const R: usize>(&self, x: [&[i32]; R], weights: &[[i16; 2 * PANEL]]) -> Block<R> {
         portable_block(x, weights)
     }
 }
 
 #[inline(always)]
-fn portable_block(x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block {
-    let mut acc = [[0i32; PANEL]; TILE_ROWS];
+fn portable_block<const R: usize>(x: [&[i32]; R], weights: &[[i16; 2 * PANEL]]) -> Block<R> {
+    let mut acc = [[0i32; PANEL]; R];
     for (r, acc) in acc.iter_mut().enumerate() {
         for (pair, w) in x[r].iter().zip(weights) {
             let (first, second) = unpack_pair(*pair);
@@ -435,7 +577,7 @@ struct AvxBlock(V3);
 #[cfg(target_arch = "x86_64")]
 impl BlockKernel for AvxBlock {
     #[inline(always)]
-    fn block(&self, x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block {
+    fn block<const R: usize>(&self, x: [&[i32]; R], weights: &[[i16; 2 * PANEL]]) -> Block<R> {
         avx_block(self.0, x, weights)
     }
 }
@@ -444,11 +586,11 @@ impl BlockKernel for AvxBlock {
 /// multiplies it into the panel's 16 columns (two vectors of eight 32-bit sums).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn avx_block(v3: V3, x: [&[i32]; TILE_ROWS], weights: &[[i16; 2 * PANEL]]) -> Block {
+fn avx_block<const R: usize>(v3: V3, x: [&[i32]; R], weights: &[[i16; 2 * PANEL]]) -> Block<R> {
     use pulp::cast;
     use std::arch::x86_64::__m256i;
     let zero: __m256i = cast([0i32; 8]);
-    let mut acc = [[zero; 2]; TILE_ROWS];
+    let mut acc = [[zero; 2]; R];
     for (q, w) in weights.iter().enumerate() {
         let [low, high]: [[i16; PANEL]; 2] = cast(*w);
         let (low, high): (__m256i, __m256i) = (cast(low), cast(high));
