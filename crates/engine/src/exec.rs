@@ -845,8 +845,13 @@ impl ShiftedLayout {
             for channel in 0..channels {
                 let source = &data[(image * channels + channel) * self.in_positions..][..self.in_positions];
                 let plane = &mut padded[(channel * images + image) * self.plane..][..self.plane];
+                if self.plane == self.in_positions {
+                    // Nothing padded: the image is the plane.
+                    plane.copy_from_slice(source);
+                    continue;
+                }
                 for (input_row, start) in source.chunks_exact(self.row_width.max(1)).zip(&self.row_starts) {
-                    plane[*start..*start + self.row_width].copy_from_slice(input_row);
+                    copy_run(&mut plane[*start..*start + self.row_width], input_row);
                 }
             }
         }
@@ -902,11 +907,30 @@ impl ShiftedLayout {
         for (image, out) in out.chunks_exact_mut(channels * self.out_positions).enumerate() {
             for (channel, out) in out.chunks_exact_mut(self.out_positions).enumerate() {
                 let plane = &padded_out[channel * columns + image * self.plane..];
+                if self.plane == self.out_positions {
+                    // Every padded position is an output (no padding, a 1x1 kernel).
+                    out.copy_from_slice(&plane[..self.out_positions]);
+                    continue;
+                }
                 for (out_row, start) in out.chunks_exact_mut(width).zip(&self.out_row_starts) {
-                    out_row.copy_from_slice(&plane[*start..*start + width]);
+                    copy_run(out_row, &plane[*start..*start + width]);
                 }
             }
         }
+    }
+}
+
+/// Copies a run as long as an image row. Such runs are short, and a call to `memcpy` per run cost
+/// more than the copy; fixed groups of four compile to plain vector moves.
+#[inline(always)]
+fn copy_run(to: &mut [i32], from: &[i32]) {
+    let (to_groups, to_rest) = to.as_chunks_mut::<4>();
+    let (from_groups, from_rest) = from.as_chunks::<4>();
+    for (to, from) in to_groups.iter_mut().zip(from_groups) {
+        *to = *from;
+    }
+    for (to, from) in to_rest.iter_mut().zip(from_rest) {
+        *to = *from;
     }
 }
 
@@ -1648,6 +1672,70 @@ mod tests {
                         "stride {stride} groups {group} threads {threads} simd {simd}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn unpadded_pointwise_convolution_is_a_product_per_position() {
+        // Every padded position is an output here, so the layout copies whole planes.
+        let (batch, c_in, c_out, positions) = (3usize, 8usize, 16usize, 15usize);
+        let mut state = 777u64;
+        let mut next = |range: i64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as i64 % (2 * range + 1) - range
+        };
+        let x = ITensor {
+            shape: vec![batch, c_in, 3, 5],
+            data: (0..batch * c_in * positions).map(|_| next(32767) as i32).collect(),
+        };
+        let window = Window {
+            kernel: vec![1, 1],
+            strides: vec![1, 1],
+            dilations: vec![1, 1],
+            pads_before: vec![0, 0],
+            pads_after: vec![0, 0],
+        };
+        for group in [1, 2, 8] {
+            let cig = c_in / group;
+            let weights: Vec<i8> = (0..c_out * cig).map(|_| next(127) as i8).collect();
+            let bias: Vec<i64> = (0..c_out).map(|_| next(1 << 20)).collect();
+            // Odd channels rescale by nearly 1 (a shift below 33, many values clamped).
+            let requant: Vec<Multiplier> = (0..c_out)
+                .map(|o| Multiplier::from_f64(if o % 2 == 0 { 1.0 / (50.0 + o as f64) } else { 0.9 }))
+                .collect();
+            let conv_weights = ConvWeights {
+                window: &window,
+                group,
+                c_in,
+                c_out,
+                channels: Channels::new(&weights, &bias, &requant, -32767, 32767).expect("range"),
+            };
+            let mut expected = Vec::new();
+            for n in 0..batch {
+                for oc in 0..c_out {
+                    let g = oc / (c_out / group);
+                    for p in 0..positions {
+                        let sum: i64 = (0..cig)
+                            .map(|ci| {
+                                let input = x.data[(n * c_in + g * cig + ci) * positions + p];
+                                i64::from(input) * i64::from(weights[oc * cig + ci])
+                            })
+                            .sum();
+                        expected.push(requantize(sum, bias[oc], requant[oc]));
+                    }
+                }
+            }
+            for simd in [false, true] {
+                let options = ExecOptions {
+                    simd,
+                    ..ExecOptions::default()
+                };
+                let y = conv(&x, &conv_weights, &options).expect("conv");
+                assert_eq!(y.shape, vec![batch, c_out, 3, 5]);
+                assert!(y.data == expected, "groups {group} simd {simd}");
             }
         }
     }
