@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tract_onnx::prelude::*;
-use vouch_engine::{ExecOptions, FloatModel, build_plan, declutter_tract_model, execute, load_onnx};
+use vouch_engine::{
+    ExecOptions, FloatModel, Plan, build_plan, declutter_tract_model, execute, execute_instr, load_onnx,
+};
 use vouch_tensor::{NamedTensor, Tensor as VTensor, TensorData, TensorLimits, read_tensor_file};
 
 /// What one case measures.
@@ -103,16 +105,47 @@ fn name_of(path: &Path) -> String {
     path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string()
 }
 
-pub fn run(bench: &EngineBench) -> Result<()> {
+/// One benchmarked model: its name, its exact plan and its float model.
+struct BenchModel {
+    name: String,
+    plan: Plan,
+    float: FloatModel,
+}
+
+/// The bench's inputs and its models, each with its exact plan built from the calibration.
+fn load(bench: &EngineBench) -> Result<(Vec<NamedTensor>, Vec<BenchModel>)> {
     let limits = TensorLimits::default();
     let calibration = read_tensor_file(&bench.calibration, &limits)?;
     let inputs = read_tensor_file(&bench.input, &limits)?;
+    let mut models = Vec::with_capacity(bench.models.len());
     for path in &bench.models {
-        let model_name = name_of(path);
         let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
         let loaded = load_onnx(&bytes)?;
-        let plan = build_plan(&loaded, &loaded.to_ir()?, &calibration)?;
-        let float = FloatModel::new(&loaded)?;
+        models.push(BenchModel {
+            name: name_of(path),
+            plan: build_plan(&loaded, &loaded.to_ir()?, &calibration)?,
+            float: FloatModel::new(&loaded)?,
+        });
+    }
+    Ok((inputs, models))
+}
+
+/// The first `batch` rows of each input, in the model's order.
+fn batch_of(float: &FloatModel, inputs: &[NamedTensor], batch: usize) -> Result<Vec<NamedTensor>> {
+    ordered(float, inputs)?
+        .into_iter()
+        .map(|input| rows(input, batch))
+        .collect()
+}
+
+pub fn run(bench: &EngineBench) -> Result<()> {
+    let (inputs, models) = load(bench)?;
+    for (path, model) in bench.models.iter().zip(&models) {
+        let BenchModel {
+            name: model_name,
+            plan,
+            float,
+        } = model;
         // tract on its own: the peer Vouch's float path is built on (decluttered as Vouch does,
         // without the pass that breaks all-MiniLM-L6-v2 in tract 0.23.9).
         let mut tract_model = onnx().model_for_path(path)?.into_typed()?;
@@ -120,10 +153,7 @@ pub fn run(bench: &EngineBench) -> Result<()> {
         tract_model.optimize()?;
         let tract_plan = tract_model.into_runnable()?;
         for &batch in &bench.batches {
-            let given = ordered(&float, &inputs)?
-                .into_iter()
-                .map(|input| rows(input, batch))
-                .collect::<Result<Vec<_>>>()?;
+            let given = batch_of(float, &inputs, batch)?;
             let tract_inputs: TVec<TValue> = given.iter().map(to_tract).collect::<Result<_>>()?;
             for &threads in &bench.threads {
                 let options = ExecOptions {
@@ -131,17 +161,17 @@ pub fn run(bench: &EngineBench) -> Result<()> {
                     ..ExecOptions::default()
                 };
                 let exact = rate(bench.seconds, || {
-                    execute(&plan, &given, &options)?;
+                    execute(plan, &given, &options)?;
                     Ok(())
                 })?;
-                report(&model_name, "vouch-exact", batch, threads, exact);
+                report(model_name, "vouch-exact", batch, threads, exact);
             }
             for &threads in &bench.threads {
                 let float_rate = rate(bench.seconds, || {
                     float.run(&given, threads)?;
                     Ok(())
                 })?;
-                report(&model_name, "vouch-float", batch, threads, float_rate);
+                report(model_name, "vouch-float", batch, threads, float_rate);
             }
             // tract used plainly (one thread, the plan optimized for any batch): one figure
             // serves every thread count.
@@ -150,7 +180,64 @@ pub fn run(bench: &EngineBench) -> Result<()> {
                 Ok(())
             })?;
             for &threads in &bench.threads {
-                report(&model_name, "tract", batch, threads, tract_rate);
+                report(model_name, "tract", batch, threads, tract_rate);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where the exact path's time goes: for each model, batch size and thread count, the time of one
+/// whole execution, then of each instruction replayed alone on the operands that execution gave
+/// it, as JSON lines (`engine` is `vouch-exact` for the whole, `vouch-exact-instr` per
+/// instruction, with its index, its op and its share of the sum over instructions).
+pub fn per_instruction(bench: &EngineBench) -> Result<()> {
+    let (inputs, models) = load(bench)?;
+    for BenchModel {
+        name: model_name,
+        plan,
+        float,
+    } in &models
+    {
+        for &batch in &bench.batches {
+            let given = batch_of(float, &inputs, batch)?;
+            for &threads in &bench.threads {
+                let options = ExecOptions {
+                    threads,
+                    ..ExecOptions::default()
+                };
+                let run = execute(plan, &given, &options)?;
+                let whole = rate(bench.seconds, || {
+                    execute(plan, &given, &options)?;
+                    Ok(())
+                })?;
+                report(model_name, "vouch-exact", batch, threads, whole);
+                let first_result = run.values.len() - plan.instrs.len();
+                let mut micros = Vec::with_capacity(plan.instrs.len());
+                for (index, instr) in plan.instrs.iter().enumerate() {
+                    let operands: Vec<_> = instr.inputs().iter().map(|v| &run.values[*v as usize]).collect();
+                    let calls = rate(bench.seconds / plan.instrs.len() as f64, || {
+                        execute_instr(plan, index, &operands, &options)?;
+                        Ok(())
+                    })?;
+                    micros.push((
+                        index,
+                        instr.name(),
+                        &run.values[first_result + index].shape,
+                        1e6 / calls,
+                    ));
+                }
+                let total: f64 = micros.iter().map(|m| m.3).sum();
+                for (index, op, shape, us) in micros {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "model": model_name, "engine": "vouch-exact-instr", "batch": batch,
+                            "threads": threads, "index": index, "op": op, "output_shape": shape,
+                            "microseconds": us, "share": us / total,
+                        })
+                    );
+                }
             }
         }
     }

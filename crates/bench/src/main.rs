@@ -69,6 +69,10 @@ enum Bench {
         /// Seconds spent measuring each case.
         #[arg(long, default_value_t = 1.0)]
         seconds: f64,
+        /// Instead of the comparison, time each instruction of the exact plans alone (replayed
+        /// on the operands of one execution) and print one line per instruction.
+        #[arg(long)]
+        per_instruction: bool,
     },
 }
 
@@ -328,13 +332,21 @@ fn main() -> Result<()> {
             batch,
             threads,
             seconds,
-        } => engine::run(&engine::EngineBench {
-            models: model,
-            calibration,
-            input,
-            batches: batch,
-            threads,
-            seconds,
-        }),
+            per_instruction,
+        } => {
+            let bench = engine::EngineBench {
+                models: model,
+                calibration,
+                input,
+                batches: batch,
+                threads,
+                seconds,
+            };
+            if per_instruction {
+                engine::per_instruction(&bench)
+            } else {
+                engine::run(&bench)
+            }
+        }
     }
 }

@@ -883,6 +883,29 @@ impl ShiftedLayout {
             .map(|kk| (kk / self.taps) * channel_stride + self.tap_offsets[kk % self.taps])
             .collect();
         let rows = first_channel..first_channel + weights.rows();
+        if simd && weights.rows() == 1 && row <= 512 {
+            // One output channel (a depthwise group): its sums straight from the shifted runs.
+            let weight_row: Vec<i32> = channels.weights[first_channel * row..][..row]
+                .iter()
+                .map(|w| i32::from(*w))
+                .collect();
+            let mut sums = vec![0i32; SHIFTED_BLOCK_COLUMNS.min(columns)];
+            for first_column in (0..columns).step_by(SHIFTED_BLOCK_COLUMNS) {
+                let count = SHIFTED_BLOCK_COLUMNS.min(columns - first_column);
+                let mut sink = RequantizeInto {
+                    out: &mut padded_out[first_channel * columns + first_column..][..count],
+                    stride: columns,
+                    first_row: 0,
+                    channels: channels.select(rows.clone()),
+                    per_row: true,
+                };
+                kernels::shifted_row_sums(&weight_row, &offsets, source, &mut sums[..count], &mut sink);
+                for offset in &mut offsets {
+                    *offset += SHIFTED_BLOCK_COLUMNS;
+                }
+            }
+            return;
+        }
         for first_column in (0..columns).step_by(SHIFTED_BLOCK_COLUMNS) {
             let count = SHIFTED_BLOCK_COLUMNS.min(columns - first_column);
             patches.fill_shifted(count, &offsets, source);
@@ -1595,6 +1618,7 @@ mod tests {
             (2, 32, 2, 1i64 << 20, (-limit, limit)),
             (1, 32, 2, 1 << 32, (-1000, 20000)),
             (1, 32, 32, 1 << 20, (0, limit)),
+            (1, 64, 64, 1 << 20, (-limit, limit)),
             (1, 96, 1, 1 << 20, (-limit, limit)),
         ];
         let mut state = 12345u64;

@@ -421,6 +421,67 @@ fn rescale_products(
     avx2._mm256_blendv_epi8(x, high, avx2._mm256_cmpgt_epi64(x, high))
 }
 
+/// Sums of one row of weights against shifted runs of a source:
+/// `out[j] = sum over kk of weights[kk] * source[offsets[kk] + j]`, the products of a stride-1
+/// convolution group with a single output channel (a depthwise layer's), computed straight from
+/// the runs instead of through packed panels whose tiles would be three quarters empty. Weights
+/// are int8 and the source 16-bit operands; at most `2 * PAIRS_PER_BLOCK` weights, so every sum
+/// fits 32 bits. The sums (as many as `sums` holds) go to `sink` as row 0 from column 0.
+pub(super) fn shifted_row_sums(
+    weights: &[i32],
+    offsets: &[usize],
+    source: &[i32],
+    sums: &mut [i32],
+    sink: &mut impl Sink,
+) {
+    debug_assert!(weights.len() <= 2 * PAIRS_PER_BLOCK);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = V3::try_new() {
+        return v3.vectorize(ShiftedRowSums {
+            weights,
+            offsets,
+            source,
+            sums,
+            sink,
+        });
+    }
+    shifted_row_sums_loop(weights, offsets, source, sums);
+    sink.take_narrow(0, 0, sums);
+}
+
+/// [`shifted_row_sums`] compiled with AVX2 enabled (eight 32-bit products per instruction, and
+/// the sink's rescale inlined with the same features).
+#[cfg(target_arch = "x86_64")]
+struct ShiftedRowSums<'a, S> {
+    weights: &'a [i32],
+    offsets: &'a [usize],
+    source: &'a [i32],
+    sums: &'a mut [i32],
+    sink: &'a mut S,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<S: Sink> pulp::NullaryFnOnce for ShiftedRowSums<'_, S> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        shifted_row_sums_loop(self.weights, self.offsets, self.source, self.sums);
+        self.sink.take_narrow(0, 0, self.sums);
+    }
+}
+
+#[inline(always)]
+fn shifted_row_sums_loop(weights: &[i32], offsets: &[usize], source: &[i32], out: &mut [i32]) {
+    out.fill(0);
+    for (weight, offset) in weights.iter().zip(offsets) {
+        let run = &source[*offset..][..out.len()];
+        for (sum, value) in out.iter_mut().zip(run) {
+            *sum += weight * value;
+        }
+    }
+}
+
 /// Where the kernels hand their sums: runs of consecutive columns of one row.
 pub(super) trait Sink {
     /// Takes `sums` of `row`, columns `first_col..first_col + sums.len()`.
