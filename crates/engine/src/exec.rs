@@ -883,32 +883,17 @@ impl ShiftedLayout {
             .map(|kk| (kk / self.taps) * channel_stride + self.tap_offsets[kk % self.taps])
             .collect();
         let rows = first_channel..first_channel + weights.rows();
-        if simd && weights.rows() == 1 && row <= 512 {
-            // One output channel (a depthwise group): its sums straight from the shifted runs.
+        // One output channel (a depthwise group): its sums straight from the shifted runs,
+        // without packing panels for tiles that would be three quarters empty.
+        let mut single_row = (simd && weights.rows() == 1 && row <= kernels::MAX_NARROW_TERMS).then(|| {
             let weight_row: Vec<i32> = channels.weights[first_channel * row..][..row]
                 .iter()
                 .map(|w| i32::from(*w))
                 .collect();
-            let mut sums = vec![0i32; SHIFTED_BLOCK_COLUMNS.min(columns)];
-            for first_column in (0..columns).step_by(SHIFTED_BLOCK_COLUMNS) {
-                let count = SHIFTED_BLOCK_COLUMNS.min(columns - first_column);
-                let mut sink = RequantizeInto {
-                    out: &mut padded_out[first_channel * columns + first_column..][..count],
-                    stride: columns,
-                    first_row: 0,
-                    channels: channels.select(rows.clone()),
-                    per_row: true,
-                };
-                kernels::shifted_row_sums(&weight_row, &offsets, source, &mut sums[..count], &mut sink);
-                for offset in &mut offsets {
-                    *offset += SHIFTED_BLOCK_COLUMNS;
-                }
-            }
-            return;
-        }
+            (weight_row, vec![0i32; SHIFTED_BLOCK_COLUMNS.min(columns)])
+        });
         for first_column in (0..columns).step_by(SHIFTED_BLOCK_COLUMNS) {
             let count = SHIFTED_BLOCK_COLUMNS.min(columns - first_column);
-            patches.fill_shifted(count, &offsets, source);
             let mut sink = RequantizeInto {
                 out: &mut padded_out[first_channel * columns + first_column..],
                 stride: columns,
@@ -916,7 +901,15 @@ impl ShiftedLayout {
                 channels: channels.select(rows.clone()),
                 per_row: true,
             };
-            product_sums(weights, 0..weights.rows(), patches, simd, &mut sink);
+            match &mut single_row {
+                Some((weight_row, sums)) => {
+                    kernels::shifted_row_sums(weight_row, &offsets, source, &mut sums[..count], &mut sink);
+                }
+                None => {
+                    patches.fill_shifted(count, &offsets, source);
+                    product_sums(weights, 0..weights.rows(), patches, simd, &mut sink);
+                }
+            }
             for offset in &mut offsets {
                 *offset += SHIFTED_BLOCK_COLUMNS;
             }

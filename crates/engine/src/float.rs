@@ -23,13 +23,18 @@ const REMEMBERED_SHAPES: usize = 8;
 /// a few inferences (about 0.2 s for all-MiniLM-L6-v2), which a shape seen once never repays.
 const USES_BEFORE_SPECIALIZING: u32 = 2;
 
-/// Most threads one float run may use (each distinct count keeps a pool of that size).
+/// Most threads one float run may use.
 pub const MAX_FLOAT_THREADS: usize = 256;
+
+/// Thread pools a model keeps, one per thread count recently asked for (a caller asking for
+/// ever new counts cannot make it hold more threads than this many pools).
+const KEPT_POOLS: usize = 4;
 
 /// A model ready to run in float32.
 ///
 /// tract optimizes far better when every dimension is known (it picks kernels and packs
-/// weights for the exact sizes: 2-3x on the digit classifiers at batch 32), so a model whose
+/// weights for the exact sizes: `scripts/bench-engine` measures 1.9-3.2x on the digit CNN and 2x
+/// on all-MiniLM-L6-v2 at batch 32 against tract's general plan), so a model whose
 /// inputs have symbolic dimensions keeps, beside the general plan, one plan per recently used
 /// concrete shape.
 #[derive(Debug, Clone)]
@@ -41,7 +46,8 @@ pub struct FloatModel {
     /// The plain symbolic dimensions of the inputs: symbol, input index, axis.
     symbols: Vec<(Symbol, usize, usize)>,
     shapes: Arc<Mutex<Vec<RememberedShape>>>,
-    pools: Arc<Mutex<HashMap<usize, Executor>>>,
+    /// Per thread count, its executor; most recently used last.
+    pools: Arc<Mutex<Vec<(usize, Executor)>>>,
     inputs: Vec<InputSpec>,
     output_names: Vec<String>,
 }
@@ -224,15 +230,18 @@ impl FloatModel {
         plan
     }
 
-    /// The executor for `threads` threads, built once per count.
+    /// The executor for `threads` threads, kept for the [`KEPT_POOLS`] counts used last.
     fn executor(&self, threads: usize) -> Result<Executor, EngineError> {
         let threads = threads.clamp(1, MAX_FLOAT_THREADS);
         if threads == 1 {
             return Ok(Executor::SingleThread);
         }
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(executor) = pools.get(&threads) {
-            return Ok(executor.clone());
+        if let Some(index) = pools.iter().position(|(count, _)| *count == threads) {
+            let kept = pools.remove(index);
+            let executor = kept.1.clone();
+            pools.push(kept);
+            return Ok(executor);
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .thread_name(|index| format!("vouch-float-{index}"))
@@ -240,7 +249,10 @@ impl FloatModel {
             .build()
             .map_err(|e| EngineError::Run(format!("cannot start {threads} float threads: {e}")))?;
         let executor = Executor::MultiThread(Arc::new(pool));
-        pools.insert(threads, executor.clone());
+        if pools.len() == KEPT_POOLS {
+            pools.remove(0);
+        }
+        pools.push((threads, executor.clone()));
         Ok(executor)
     }
 }
@@ -249,4 +261,33 @@ fn optimized(model: &TypedModel) -> tract_onnx::prelude::TractResult<Arc<TypedRu
     let mut model = model.clone();
     model.optimize()?;
     model.into_runnable()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_keeps_pools_for_only_a_few_thread_counts() {
+        let path = format!(
+            "{}/../../fixtures/models/digits_mlp_v1.onnx",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let bytes = std::fs::read(path).expect("model");
+        let model = FloatModel::new(&crate::load_onnx(&bytes).expect("load")).expect("float");
+        for threads in 2..=9 {
+            model.executor(threads).expect("pool");
+        }
+        model.executor(6).expect("pool again");
+        let counts: Vec<usize> = model
+            .pools
+            .lock()
+            .expect("pools")
+            .iter()
+            .map(|(count, _)| *count)
+            .collect();
+        assert_eq!(counts, vec![7, 8, 9, 6], "the counts used last, most recent last");
+        // Out-of-range counts are clamped, not refused.
+        assert!(matches!(model.executor(0), Ok(Executor::SingleThread)));
+    }
 }

@@ -18,6 +18,8 @@ pub(super) const PANEL: usize = 16;
 const TILE_ROWS: usize = 4;
 /// Pairs of products a 32-bit lane adds before it is widened (see the module's bound).
 const PAIRS_PER_BLOCK: usize = 256;
+/// Most products of an activation and a weight that one 32-bit sum may add.
+pub(super) const MAX_NARROW_TERMS: usize = 2 * PAIRS_PER_BLOCK;
 
 /// Packs two 16-bit operands into the 32 bits a pairwise multiply-add broadcasts (first low).
 #[inline]
@@ -425,7 +427,7 @@ fn rescale_products(
 /// `out[j] = sum over kk of weights[kk] * source[offsets[kk] + j]`, the products of a stride-1
 /// convolution group with a single output channel (a depthwise layer's), computed straight from
 /// the runs instead of through packed panels whose tiles would be three quarters empty. Weights
-/// are int8 and the source 16-bit operands; at most `2 * PAIRS_PER_BLOCK` weights, so every sum
+/// are int8 and the source 16-bit operands; at most [`MAX_NARROW_TERMS`] weights, so every sum
 /// fits 32 bits. The sums (as many as `sums` holds) go to `sink` as row 0 from column 0.
 pub(super) fn shifted_row_sums(
     weights: &[i32],
@@ -434,7 +436,7 @@ pub(super) fn shifted_row_sums(
     sums: &mut [i32],
     sink: &mut impl Sink,
 ) {
-    debug_assert!(weights.len() <= 2 * PAIRS_PER_BLOCK);
+    debug_assert!(weights.len() <= MAX_NARROW_TERMS);
     #[cfg(target_arch = "x86_64")]
     if let Some(v3) = V3::try_new() {
         return v3.vectorize(ShiftedRowSums {
