@@ -6,6 +6,7 @@
 
 mod indexing;
 mod kernels;
+mod rows;
 
 use std::collections::HashMap;
 
@@ -17,6 +18,9 @@ use kernels::{GatherMap, Lanes, PairedRows, Panels, Rescale, product_sums};
 
 /// Entries of a lookup table: one for each activation from -32767 to 32767.
 pub const LOOKUP_ENTRIES: usize = 2 * ACTIVATION_MAX as usize + 1;
+
+/// Below about a quarter of a million products, starting a thread costs more than it saves.
+const THREAD_WORTHY_PRODUCTS: usize = 1 << 18;
 
 /// A tensor of the exact plan: `i32` elements, row-major.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,17 +101,24 @@ pub struct Execution {
     pub outputs: Vec<NamedTensor>,
 }
 
-/// Runs a plan on named inputs.
+/// Runs a plan on named inputs. With several threads, a batch whose plan keeps its rows apart
+/// is cut into one block of rows per thread (see the `rows` module); otherwise the large kernels
+/// share the threads.
 pub fn execute(plan: &Plan, inputs: &[NamedTensor], options: &ExecOptions) -> Result<Execution, ExecError> {
     let mut values = bind_inputs(plan, inputs)?;
-    for (index, instr) in plan.instrs.iter().enumerate() {
-        let operands: Vec<&ITensor> = instr.inputs().iter().map(|v| &values[*v as usize]).collect();
-        let value = run_instr(instr, &operands, options).map_err(|reason| ExecError::Instr {
-            index,
-            op: instr.name(),
-            reason,
-        })?;
-        values.push(value);
+    match rows::run_in_row_blocks(plan, &values, options) {
+        Some(computed) => values.extend(computed),
+        None => {
+            for (index, instr) in plan.instrs.iter().enumerate() {
+                let operands: Vec<&ITensor> = instr.inputs().iter().map(|v| &values[*v as usize]).collect();
+                let value = run_instr(instr, &operands, options).map_err(|reason| ExecError::Instr {
+                    index,
+                    op: instr.name(),
+                    reason,
+                })?;
+                values.push(value);
+            }
+        }
     }
     let outputs = plan
         .outputs
@@ -1277,21 +1288,21 @@ fn for_each_row(out: &mut [i32], width: usize, work: usize, threads: usize, fill
 /// of rows per thread, on up to `threads` threads when the `work` is worth starting them for.
 fn for_each_chunk(out: &mut [i32], width: usize, work: usize, threads: usize, fill: impl Fn(usize, &mut [i32]) + Sync) {
     let rows = out.len().checked_div(width).unwrap_or(0);
-    let threads = threads.clamp(1, rows.max(1));
-    // Below about a quarter of a million products, starting threads costs more than it saves.
-    if threads == 1 || work < (1 << 18) || width == 0 {
+    let threads = threads.clamp(1, rows.clamp(1, crate::pools::MAX_THREADS));
+    if threads == 1 || work < THREAD_WORTHY_PRODUCTS || width == 0 {
         if width > 0 {
             fill(0, out);
         }
         return;
     }
     let rows_per_thread = rows.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (chunk_index, chunk) in out.chunks_mut(rows_per_thread * width).enumerate() {
-            let fill = &fill;
-            scope.spawn(move || fill(chunk_index * rows_per_thread, chunk));
-        }
-    });
+    let fill = &fill;
+    let tasks: Vec<_> = out
+        .chunks_mut(rows_per_thread * width)
+        .enumerate()
+        .map(|(chunk_index, chunk)| move || fill(chunk_index * rows_per_thread, chunk))
+        .collect();
+    crate::pools::run_polling(tasks);
 }
 
 /// NumPy broadcasting of two tensors through `f`.

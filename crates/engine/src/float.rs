@@ -12,6 +12,7 @@ use crate::EngineError;
 use crate::exec::{InputSpec, match_inputs};
 use crate::import::{LoadedModel, dtype_of, tensor_from_tract, to_tract};
 use crate::plan::PlanDim;
+use crate::pools::{MAX_THREADS, PerThreadCount};
 use tract_onnx::tract_core::internal::DimLike;
 
 /// How many input shapes a model remembers, each with the plan tract optimized for it once the
@@ -22,13 +23,6 @@ const REMEMBERED_SHAPES: usize = 8;
 /// A shape is given its own optimized plan the second time it is seen: optimizing costs up to
 /// a few inferences (about 0.2 s for all-MiniLM-L6-v2), which a shape seen once never repays.
 const USES_BEFORE_SPECIALIZING: u32 = 2;
-
-/// Most threads one float run may use.
-pub const MAX_FLOAT_THREADS: usize = 256;
-
-/// Thread pools a model keeps, one per thread count recently asked for (a caller asking for
-/// ever new counts cannot make it hold more threads than this many pools).
-const KEPT_POOLS: usize = 4;
 
 /// A model ready to run in float32.
 ///
@@ -47,7 +41,7 @@ pub struct FloatModel {
     symbols: Vec<(Symbol, usize, usize)>,
     shapes: Arc<Mutex<Vec<RememberedShape>>>,
     /// Per thread count, its executor; most recently used last.
-    pools: Arc<Mutex<Vec<(usize, Executor)>>>,
+    pools: Arc<PerThreadCount<Executor>>,
     inputs: Vec<InputSpec>,
     output_names: Vec<String>,
 }
@@ -135,7 +129,7 @@ impl FloatModel {
             .count()
     }
 
-    /// Runs the model on up to `threads` threads (clamped to 1..=[`MAX_FLOAT_THREADS`]). Inputs
+    /// Runs the model on up to `threads` threads (clamped to 1..=[`MAX_THREADS`]). Inputs
     /// are matched by name (or the only tensor to the only input) and checked against the
     /// model's types and shapes first.
     pub fn run(&self, inputs: &[NamedTensor], threads: usize) -> Result<Vec<NamedTensor>, EngineError> {
@@ -230,30 +224,20 @@ impl FloatModel {
         plan
     }
 
-    /// The executor for `threads` threads, kept for the [`KEPT_POOLS`] counts used last.
+    /// The executor for `threads` threads; the model keeps pools for a few counts used last.
     fn executor(&self, threads: usize) -> Result<Executor, EngineError> {
-        let threads = threads.clamp(1, MAX_FLOAT_THREADS);
+        let threads = threads.clamp(1, MAX_THREADS);
         if threads == 1 {
             return Ok(Executor::SingleThread);
         }
-        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(index) = pools.iter().position(|(count, _)| *count == threads) {
-            let kept = pools.remove(index);
-            let executor = kept.1.clone();
-            pools.push(kept);
-            return Ok(executor);
-        }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .thread_name(|index| format!("vouch-float-{index}"))
-            .num_threads(threads)
-            .build()
-            .map_err(|e| EngineError::Run(format!("cannot start {threads} float threads: {e}")))?;
-        let executor = Executor::MultiThread(Arc::new(pool));
-        if pools.len() == KEPT_POOLS {
-            pools.remove(0);
-        }
-        pools.push((threads, executor.clone()));
-        Ok(executor)
+        self.pools.get(threads, || {
+            rayon::ThreadPoolBuilder::new()
+                .thread_name(|index| format!("vouch-float-{index}"))
+                .num_threads(threads)
+                .build()
+                .map(|pool| Executor::MultiThread(Arc::new(pool)))
+                .map_err(|e| EngineError::Run(format!("cannot start {threads} float threads: {e}")))
+        })
     }
 }
 
@@ -279,14 +263,11 @@ mod tests {
             model.executor(threads).expect("pool");
         }
         model.executor(6).expect("pool again");
-        let counts: Vec<usize> = model
-            .pools
-            .lock()
-            .expect("pools")
-            .iter()
-            .map(|(count, _)| *count)
-            .collect();
-        assert_eq!(counts, vec![7, 8, 9, 6], "the counts used last, most recent last");
+        assert_eq!(
+            model.pools.counts(),
+            vec![7, 8, 9, 6],
+            "the counts used last, most recent last"
+        );
         // Out-of-range counts are clamped, not refused.
         assert!(matches!(model.executor(0), Ok(Executor::SingleThread)));
     }

@@ -11,6 +11,7 @@ mod float;
 mod import;
 pub mod ir;
 pub mod plan;
+mod pools;
 mod quantize;
 pub mod trace;
 
