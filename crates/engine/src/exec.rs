@@ -49,7 +49,8 @@ impl ITensor {
 /// How to run a plan. Every choice gives the same bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExecOptions {
-    /// Worker threads for the large kernels (1 runs everything on the caller's thread).
+    /// Threads: for blocks of batch rows when the plan keeps rows apart, else for the large
+    /// kernels (1 runs everything on the caller's thread).
     pub threads: usize,
     /// Use the register-blocked product kernels (AVX2 when the CPU has it, chosen at run time,
     /// else portable code the compiler vectorizes); `false` uses plain one-product-at-a-time
@@ -108,17 +109,7 @@ pub fn execute(plan: &Plan, inputs: &[NamedTensor], options: &ExecOptions) -> Re
     let mut values = bind_inputs(plan, inputs)?;
     match rows::run_in_row_blocks(plan, &values, options) {
         Some(computed) => values.extend(computed),
-        None => {
-            for (index, instr) in plan.instrs.iter().enumerate() {
-                let operands: Vec<&ITensor> = instr.inputs().iter().map(|v| &values[*v as usize]).collect();
-                let value = run_instr(instr, &operands, options).map_err(|reason| ExecError::Instr {
-                    index,
-                    op: instr.name(),
-                    reason,
-                })?;
-                values.push(value);
-            }
-        }
+        None => run_undivided(plan, &mut values, options)?,
     }
     let outputs = plan
         .outputs
@@ -147,6 +138,21 @@ pub fn execute(plan: &Plan, inputs: &[NamedTensor], options: &ExecOptions) -> Re
         })
         .collect::<Result<_, _>>()?;
     Ok(Execution { values, outputs })
+}
+
+/// Runs every instruction of `plan` in order on one batch, appending each value to `values`
+/// (which start with the bound inputs).
+fn run_undivided(plan: &Plan, values: &mut Vec<ITensor>, options: &ExecOptions) -> Result<(), ExecError> {
+    for (index, instr) in plan.instrs.iter().enumerate() {
+        let operands: Vec<&ITensor> = instr.inputs().iter().map(|v| &values[*v as usize]).collect();
+        let value = run_instr(instr, &operands, options).map_err(|reason| ExecError::Instr {
+            index,
+            op: instr.name(),
+            reason,
+        })?;
+        values.push(value);
+    }
+    Ok(())
 }
 
 /// Re-executes one instruction from its operands: the step a dispute settles.
@@ -1596,6 +1602,19 @@ fn reshape(x: &ITensor, at: usize, from_rank: usize, to: &[u64]) -> Result<ITens
     })
 }
 
+/// Reproducible test values in `[-range, range]` from `seed` (a linear congruential generator:
+/// enough to spread values, and the same on every machine).
+#[cfg(test)]
+fn test_values(seed: u64) -> impl FnMut(i64) -> i64 {
+    let mut state = seed;
+    move |range: i64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as i64 % (2 * range + 1) - range
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1625,13 +1644,7 @@ mod tests {
             (1, 64, 64, 1 << 20, (-limit, limit)),
             (1, 96, 1, 1 << 20, (-limit, limit)),
         ];
-        let mut state = 12345u64;
-        let mut next = |range: i64| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as i64 % (2 * range + 1) - range
-        };
+        let mut next = test_values(12345);
         for (stride, c_in, group, bias_range, (low, high)) in cases {
             let window = Window {
                 kernel: vec![3, 2],
@@ -1708,13 +1721,7 @@ mod tests {
     fn unpadded_pointwise_convolution_is_a_product_per_position() {
         // Every padded position is an output here, so the layout copies whole planes.
         let (batch, c_in, c_out, positions) = (3usize, 8usize, 16usize, 15usize);
-        let mut state = 777u64;
-        let mut next = |range: i64| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as i64 % (2 * range + 1) - range
-        };
+        let mut next = test_values(777);
         let x = ITensor {
             shape: vec![batch, c_in, 3, 5],
             data: (0..batch * c_in * positions).map(|_| next(32767) as i32).collect(),

@@ -246,6 +246,14 @@ mod tests {
         assert_eq!(sum.load(Ordering::Acquire), 55);
         let squares = run_polling((0..5).map(|i| move || i * i).collect());
         assert_eq!(squares, vec![0, 1, 4, 9, 16], "results in the tasks' order");
+        // A task dividing its own work again, on the same one-thread pool as the outer tasks:
+        // the pool's thread waits for tasks only it can run, so it must run them itself.
+        let nested = run_polling(
+            (0..2)
+                .map(|i| move || run_polling((0..2).map(|j| move || 10 * i + j).collect()))
+                .collect(),
+        );
+        assert_eq!(nested, vec![vec![0, 1], vec![10, 11]]);
         let deadline = Instant::now() + Duration::from_secs(10);
         while pool.polling.load(Ordering::Acquire) > 0 {
             assert!(Instant::now() < deadline, "pollers stop once their time is over");

@@ -724,11 +724,7 @@ mod tests {
             k in prop_oneof![0usize..40, 500usize..1100],
             seed in any::<u64>(),
         ) {
-            let mut state = seed;
-            let mut next = |range: i64| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 33) as i64 % (2 * range + 1) - range) as i32
-            };
+            let mut next = super::super::test_values(seed);
             let a: Vec<i16> = (0..rows * k).map(|_| next(32767) as i16).collect();
             let b: Vec<i8> = (0..cols * k).map(|_| next(127) as i8).collect();
             let (paired, panels) = (PairedRows::from_row_major(&widen(&a), rows, k), Panels::from_weights(&b, cols, k));

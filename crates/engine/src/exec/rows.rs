@@ -168,16 +168,16 @@ fn keeps_rows(instr: &Instr, operands: &[&ITensor], kinds: &[Rows], out: &ITenso
     match instr {
         // A product over the last axis: with a rank-1 operand that axis would be the rows.
         Instr::Dense { .. } => operands.first().is_some_and(|x| x.shape.len() >= 2),
-        Instr::AddSub { .. }
-        | Instr::Mul { .. }
-        | Instr::Compare { .. }
-        | Instr::Logic { .. }
-        | Instr::Where { .. } => operands.iter().zip(kinds).all(|(x, kind)| lines_up(x, *kind)),
         Instr::Expand { .. } => operands.first().is_some_and(|x| x.shape.len() == rank),
         // `[m, k] x [n, k]`: only the left operand's rows may be batched. With batch axes, they
         // broadcast like element-wise operands.
         Instr::MatMul { .. } if rank == 2 => kinds == [Rows::Batched, Rows::Shared],
-        Instr::MatMul { .. } => operands.iter().zip(kinds).all(|(x, kind)| lines_up(x, *kind)),
+        Instr::AddSub { .. }
+        | Instr::Mul { .. }
+        | Instr::Compare { .. }
+        | Instr::Logic { .. }
+        | Instr::Where { .. }
+        | Instr::MatMul { .. } => operands.iter().zip(kinds).all(|(x, kind)| lines_up(x, *kind)),
         _ => true,
     }
 }
@@ -306,11 +306,7 @@ mod tests {
             ..ExecOptions::default()
         };
         let mut values = inputs.to_vec();
-        for instr in &plan.instrs {
-            let operands: Vec<&ITensor> = instr.inputs().iter().map(|v| &values[*v as usize]).collect();
-            let value = run_instr(instr, &operands, &options).expect("undivided run");
-            values.push(value);
-        }
+        super::super::run_undivided(plan, &mut values, &options).expect("undivided run");
         values.split_off(inputs.len())
     }
 
@@ -385,6 +381,16 @@ mod tests {
                     axis: 1,
                     start: 11,
                     end: 10,
+                },
+                Instr::Const {
+                    shape: vec![4, 6],
+                    data: (0..24).map(|i| i % 7 - 3).collect(),
+                },
+                // `[batch, 6] x [4, 6]`: the batched operand's rows give the output's.
+                Instr::MatMul {
+                    a: 0,
+                    b: 13,
+                    requant: ONE,
                 },
             ],
         )
@@ -483,6 +489,24 @@ mod tests {
             data: vec![1, 2, 3, 4],
         };
         assert_eq!(in_blocks(&vector, &[column], 4), None);
+        // `[2, 6] x [batch, 6]`: the batch becomes the output's columns. A block of 2 rows gives
+        // a `[2, 2]` value, whose first axis has the block's size by coincidence.
+        let columns = plan_of(
+            batch(),
+            vec![
+                Instr::Const {
+                    shape: vec![2, 6],
+                    data: vec![1; 12],
+                },
+                Instr::MatMul {
+                    a: 1,
+                    b: 0,
+                    requant: ONE,
+                },
+            ],
+        );
+        assert!(row_kinds(&columns).is_some());
+        assert_eq!(in_blocks(&columns, &[input(4, 6)], 2), None);
     }
 
     /// The trained digit classifiers keep rows apart; a batch of 32 images is worth two threads
