@@ -1605,7 +1605,7 @@ fn reshape(x: &ITensor, at: usize, from_rank: usize, to: &[u64]) -> Result<ITens
 /// Reproducible test values in `[-range, range]` from `seed` (a linear congruential generator:
 /// enough to spread values, and the same on every machine).
 #[cfg(test)]
-fn test_values(seed: u64) -> impl FnMut(i64) -> i64 {
+pub(crate) fn test_values(seed: u64) -> impl FnMut(i64) -> i64 {
     let mut state = seed;
     move |range: i64| {
         state = state

@@ -2,6 +2,7 @@
 //! accuracy reference.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tract_linalg::multithread::{Executor, multithread_tract_scope};
@@ -14,6 +15,11 @@ use crate::import::{LoadedModel, dtype_of, tensor_from_tract, to_tract};
 use crate::plan::PlanDim;
 use crate::pools::{MAX_THREADS, PerThreadCount};
 use tract_onnx::tract_core::internal::DimLike;
+
+mod kernels;
+mod program;
+
+use program::{FloatProgram, RunError};
 
 /// How many input shapes a model remembers, each with the plan tract optimized for it once the
 /// shape has come back. A caller cycling through more shapes than this runs the general plan
@@ -44,6 +50,10 @@ pub struct FloatModel {
     pools: Arc<PerThreadCount<Executor>>,
     inputs: Vec<InputSpec>,
     output_names: Vec<String>,
+    /// Vouch's own executor, for graphs whose every operation it runs.
+    program: Option<Arc<FloatProgram>>,
+    /// Runs that Vouch's executor handed to tract (shapes it does not handle).
+    handed_to_tract: Arc<AtomicU64>,
 }
 
 /// One concrete input shape, most recently used last in the list.
@@ -100,7 +110,14 @@ impl FloatModel {
         let mut decluttered = typed.clone();
         crate::import::declutter(&mut decluttered).map_err(import_error)?;
         let general = optimized(&decluttered).map_err(import_error)?;
+        let program = model
+            .to_ir()
+            .ok()
+            .and_then(|graph| FloatProgram::new(&graph))
+            .map(Arc::new);
         Ok(Self {
+            program,
+            handed_to_tract: Arc::default(),
             decluttered: Arc::new(decluttered),
             general,
             symbols,
@@ -134,6 +151,22 @@ impl FloatModel {
     /// model's types and shapes first.
     pub fn run(&self, inputs: &[NamedTensor], threads: usize) -> Result<Vec<NamedTensor>, EngineError> {
         let matched = match_inputs(&self.inputs, inputs)?;
+        if let Some(program) = &self.program {
+            match program.run(&matched, threads.clamp(1, MAX_THREADS)) {
+                Ok(outputs) => return Ok(self.named(outputs)),
+                Err(e @ RunError::TooLarge { .. }) => return Err(EngineError::Run(e.to_string())),
+                // Shapes the executor does not handle: tract runs the model (and reports any
+                // error in the inputs).
+                Err(RunError::Unhandled { .. }) => {
+                    self.handed_to_tract.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.run_tract(matched, threads)
+    }
+
+    /// Runs the model on tract's optimized plan.
+    fn run_tract(&self, matched: Vec<&vouch_tensor::Tensor>, threads: usize) -> Result<Vec<NamedTensor>, EngineError> {
         let symbol_values: Vec<i64> = self
             .symbols
             .iter()
@@ -147,15 +180,31 @@ impl FloatModel {
         let plan = self.plan_for(symbol_values);
         let outputs = multithread_tract_scope(self.executor(threads)?, || plan.run(bound))
             .map_err(|e| EngineError::Run(format!("{e:#}")))?;
-        outputs
+        let tensors = outputs
             .iter()
+            .map(|tensor| tensor_from_tract(tensor))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(EngineError::Run)?;
+        Ok(self.named(tensors))
+    }
+
+    /// Whether the model runs on Vouch's own float kernels (else on tract's).
+    pub fn runs_on_vouch_kernels(&self) -> bool {
+        self.program.is_some()
+    }
+
+    /// How many runs Vouch's own kernels handed to tract because of shapes they do not handle.
+    pub fn runs_handed_to_tract(&self) -> u64 {
+        self.handed_to_tract.load(Ordering::Relaxed)
+    }
+
+    fn named(&self, outputs: Vec<vouch_tensor::Tensor>) -> Vec<NamedTensor> {
+        outputs
+            .into_iter()
             .zip(&self.output_names)
-            .map(|(tensor, name)| {
-                let tensor = tensor_from_tract(tensor).map_err(EngineError::Run)?;
-                Ok(NamedTensor {
-                    name: Some(name.clone()),
-                    tensor,
-                })
+            .map(|(tensor, name)| NamedTensor {
+                name: Some(name.clone()),
+                tensor,
             })
             .collect()
     }
@@ -250,15 +299,61 @@ fn optimized(model: &TypedModel) -> tract_onnx::prelude::TractResult<Arc<TypedRu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vouch_tensor::{Tensor, TensorData};
+
+    fn fixture_model(name: &str) -> FloatModel {
+        let path = format!("{}/../../fixtures/models/{name}", env!("CARGO_MANIFEST_DIR"));
+        let bytes = std::fs::read(path).expect("model");
+        FloatModel::new(&crate::load_onnx(&bytes).expect("load")).expect("float")
+    }
+
+    /// The first `rows` held-out digits (8x8 images, 64 values each).
+    fn digits(rows: usize) -> Tensor {
+        let path = format!("{}/../../fixtures/data/digits_test.npz", env!("CARGO_MANIFEST_DIR"));
+        let bytes = std::fs::read(path).expect("digits");
+        let inputs = vouch_tensor::read_npz(&bytes, &Default::default()).expect("npz");
+        let TensorData::F32(all) = inputs[0].tensor.data() else {
+            panic!("float digits")
+        };
+        Tensor::new(vec![rows, 64], TensorData::F32(all[..rows * 64].to_vec())).expect("tensor")
+    }
+
+    fn floats(tensor: &Tensor) -> &[f32] {
+        match tensor.data() {
+            TensorData::F32(v) => v,
+            other => panic!("expected floats, got {:?}", other.dtype()),
+        }
+    }
+
+    #[test]
+    fn the_digit_classifiers_run_on_vouch_kernels_as_tract_runs_them() {
+        for name in ["digits_mlp_v1.onnx", "digits_cnn.onnx"] {
+            let model = fixture_model(name);
+            assert!(model.runs_on_vouch_kernels(), "{name}");
+            let program = model.program.as_ref().expect("program");
+            for rows in [1, 2, 7, 32, 101] {
+                let input = digits(rows);
+                let reference = model.run_tract(vec![&input], 1).expect("tract");
+                for threads in [1, 2, 3, 8] {
+                    let ours = program.run(&[&input], threads).expect("vouch kernels");
+                    assert_eq!(ours.len(), reference.len());
+                    for (x, r) in ours.iter().zip(&reference) {
+                        assert_eq!(x.shape(), r.tensor.shape(), "{name} at {rows} rows");
+                        for (a, b) in floats(x).iter().zip(floats(&r.tensor)) {
+                            assert!(
+                                (a - b).abs() <= 1e-5,
+                                "{name}, {rows} rows, {threads} threads: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_model_keeps_pools_for_only_a_few_thread_counts() {
-        let path = format!(
-            "{}/../../fixtures/models/digits_mlp_v1.onnx",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let bytes = std::fs::read(path).expect("model");
-        let model = FloatModel::new(&crate::load_onnx(&bytes).expect("load")).expect("float");
+        let model = fixture_model("digits_mlp_v1.onnx");
         for threads in 2..=9 {
             model.executor(threads).expect("pool");
         }

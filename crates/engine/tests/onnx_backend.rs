@@ -16,6 +16,9 @@ use vouch_tensor::{NamedTensor, TensorData, TensorLimits, read_tensor_proto};
 /// Tests that passed when this file was last updated (see README.md); a lower count fails.
 const PASSING_AT_LEAST: usize = 930;
 
+/// How many of those pass on Vouch's own float kernels rather than tract's.
+const OWN_KERNELS_AT_LEAST: usize = 335;
+
 fn node_tests() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fetched/onnx-1.22.0/onnx/backend/test/data/node")
 }
@@ -145,7 +148,8 @@ fn freeze_inputs(model_bytes: &[u8], data: &Path, keep: usize) -> Result<Vec<u8>
     Ok(model.encode_to_vec())
 }
 
-fn run_one(dir: &Path) -> Result<(), String> {
+/// Runs one backend test on the float path; `Ok(true)` when it passed on Vouch's own kernels.
+fn run_one(dir: &Path) -> Result<bool, String> {
     let bytes = std::fs::read(dir.join("model.onnx")).map_err(|e| e.to_string())?;
     let model = load_onnx(&bytes).map_err(|e| e.to_string())?;
     let float = FloatModel::new(&model).map_err(|e| e.to_string())?;
@@ -174,7 +178,7 @@ fn run_one(dir: &Path) -> Result<(), String> {
             return Err("values differ".into());
         }
     }
-    Ok(())
+    Ok(float.runs_on_vouch_kernels() && float.runs_handed_to_tract() == 0)
 }
 
 #[test]
@@ -191,12 +195,15 @@ fn onnx_backend_node_tests_on_the_float_path() {
         .filter(|p| p.join("model.onnx").is_file())
         .collect();
     dirs.sort();
-    let (mut passed, mut failed) = (0usize, Vec::new());
+    let (mut passed, mut own_kernels, mut failed) = (0usize, 0usize, Vec::new());
     for dir in &dirs {
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_owned();
         // tract may panic on a model it cannot handle; that counts as a failure of that test.
         match catch_unwind(AssertUnwindSafe(|| run_one(dir))) {
-            Ok(Ok(())) => passed += 1,
+            Ok(Ok(on_own_kernels)) => {
+                passed += 1;
+                own_kernels += usize::from(on_own_kernels);
+            }
             Ok(Err(reason)) => failed.push(format!("{name}: {}", reason.lines().next().unwrap_or(""))),
             Err(_) => failed.push(format!("{name}: panicked")),
         }
@@ -204,13 +211,18 @@ fn onnx_backend_node_tests_on_the_float_path() {
     let report = Path::new(env!("CARGO_TARGET_TMPDIR")).join("onnx-backend-report.txt");
     let _ = std::fs::write(&report, failed.join("\n"));
     eprintln!(
-        "ONNX backend node tests (float path): {passed} of {} pass; failures listed in {}",
+        "ONNX backend node tests (float path): {passed} of {} pass, {own_kernels} of them on Vouch's own \
+         float kernels; failures listed in {}",
         dirs.len(),
         report.display()
     );
     assert!(
         passed >= PASSING_AT_LEAST,
         "only {passed} pass, fewer than the {PASSING_AT_LEAST} recorded"
+    );
+    assert!(
+        own_kernels >= OWN_KERNELS_AT_LEAST,
+        "only {own_kernels} pass on Vouch's own kernels, fewer than the {OWN_KERNELS_AT_LEAST} recorded"
     );
 }
 

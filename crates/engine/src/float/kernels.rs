@@ -1,0 +1,761 @@
+//! The float kernels of Vouch's own float executor: matrix products, convolutions, pooling and
+//! softmax over `f32`, with AVX2 and FMA chosen at run time where the CPU has them.
+//!
+//! Unlike the exact kernels, these may round differently from one instruction set to another:
+//! the float path promises closeness to the model's float semantics, not equal bits.
+
+use std::ops::Range;
+
+#[cfg(target_arch = "x86_64")]
+use pulp::x86::V3;
+
+use crate::ir::{BinaryOp, Window};
+
+/// Columns of a packed matrix handled together: two vectors of eight.
+pub(super) const PANEL: usize = 16;
+
+/// Rows of the left operand handled together by the product kernel.
+const ROWS: usize = 4;
+
+/// An element-wise operation with a constant per output channel (or one for all channels),
+/// applied as a product's results are written: a bias, a batch-norm scale, a ReLU, a clip.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ChannelOp {
+    /// `result = op(result, value)`.
+    pub op: BinaryOp,
+    /// One value per channel, or a single value for all of them.
+    pub values: Vec<f32>,
+}
+
+impl ChannelOp {
+    fn value(&self, channel: usize) -> f32 {
+        if self.values.len() == 1 {
+            self.values[0]
+        } else {
+            self.values[channel]
+        }
+    }
+}
+
+/// `a op b`, with NaN passed on by `Max` and `Min` as NumPy does.
+#[inline(always)]
+pub(super) fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
+    match op {
+        BinaryOp::Add => a + b,
+        BinaryOp::Sub => a - b,
+        BinaryOp::Mul => a * b,
+        BinaryOp::Div => a / b,
+        BinaryOp::Max => {
+            if a.is_nan() || a > b {
+                a
+            } else {
+                b
+            }
+        }
+        BinaryOp::Min => {
+            if a.is_nan() || a < b {
+                a
+            } else {
+                b
+            }
+        }
+    }
+}
+
+/// `out[i] = op(out[i], values[i])` (or `op(out[i], values[0])` for every `i` when `values` has
+/// one element): one loop per operation, so each vectorizes.
+#[inline(always)]
+fn apply_run(op: BinaryOp, out: &mut [f32], values: &[f32]) {
+    macro_rules! each {
+        ($f:expr) => {
+            if let [value] = values {
+                let value = *value;
+                out.iter_mut().for_each(|x| *x = $f(*x, value));
+            } else {
+                out.iter_mut().zip(values).for_each(|(x, v)| *x = $f(*x, *v));
+            }
+        };
+    }
+    match op {
+        BinaryOp::Add => each!(|a: f32, b: f32| a + b),
+        BinaryOp::Sub => each!(|a: f32, b: f32| a - b),
+        BinaryOp::Mul => each!(|a: f32, b: f32| a * b),
+        BinaryOp::Div => each!(|a: f32, b: f32| a / b),
+        BinaryOp::Max => each!(|a: f32, b: f32| binary(BinaryOp::Max, a, b)),
+        BinaryOp::Min => each!(|a: f32, b: f32| binary(BinaryOp::Min, a, b)),
+    }
+}
+
+/// The right operand of a matrix product, `k x n`, in panels of [`PANEL`] columns: for each
+/// panel, the panel's columns of row 0, then of row 1, and so on (zero past `n`).
+#[derive(Debug, Clone)]
+pub(super) struct PackedMatrix {
+    k: usize,
+    n: usize,
+    panels: Vec<[f32; PANEL]>,
+}
+
+impl PackedMatrix {
+    /// Packs a row-major matrix: `k x n`, or `n x k` when `transposed`.
+    pub(super) fn pack(values: &[f32], k: usize, n: usize, transposed: bool) -> Self {
+        let panel_count = n.div_ceil(PANEL);
+        let mut panels = vec![[0.0f32; PANEL]; panel_count * k];
+        for (p, panel) in panels.chunks_mut(k.max(1)).enumerate().take(panel_count) {
+            for (kk, slot) in panel.iter_mut().enumerate() {
+                for (c, x) in slot.iter_mut().enumerate() {
+                    let col = p * PANEL + c;
+                    if col < n {
+                        *x = if transposed {
+                            values[col * k + kk]
+                        } else {
+                            values[kk * n + col]
+                        };
+                    }
+                }
+            }
+        }
+        Self { k, n, panels }
+    }
+}
+
+/// `out = a x b` for the rows `rows` of the row-major `m x k` matrix `a` (into `out`, which
+/// holds those rows, `n` values each), then `epilogue` per column.
+pub(super) fn matmul(a: &[f32], rows: Range<usize>, b: &PackedMatrix, out: &mut [f32], epilogue: &[ChannelOp]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = V3::try_new() {
+        return v3.vectorize(AvxMatmul {
+            v3,
+            a,
+            rows,
+            b,
+            out,
+            epilogue,
+        });
+    }
+    matmul_loop(a, rows, b, out, epilogue, PortableBlock);
+}
+
+/// A kernel for a block of `R` rows against one panel: the panel's [`PANEL`] sums per row.
+trait BlockKernel: Copy {
+    fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R];
+}
+
+#[inline(always)]
+fn matmul_loop(
+    a: &[f32],
+    rows: Range<usize>,
+    b: &PackedMatrix,
+    out: &mut [f32],
+    epilogue: &[ChannelOp],
+    kernel: impl BlockKernel,
+) {
+    let (k, n) = (b.k, b.n);
+    let first_row = rows.start;
+    let row_of = |r: usize| &a[r * k..][..k];
+    let mut write = |r: usize, p: usize, sums: &[f32; PANEL]| {
+        let first_col = p * PANEL;
+        let cols = PANEL.min(n - first_col);
+        let dest = &mut out[(r - first_row) * n + first_col..][..cols];
+        dest.copy_from_slice(&sums[..cols]);
+    };
+    let mut r = rows.start;
+    while r < rows.end {
+        let left = rows.end - r;
+        for p in 0..n.div_ceil(PANEL) {
+            let panel = &b.panels[p * k..][..k];
+            if left >= ROWS {
+                let sums = kernel.block([row_of(r), row_of(r + 1), row_of(r + 2), row_of(r + 3)], panel);
+                for (i, s) in sums.iter().enumerate() {
+                    write(r + i, p, s);
+                }
+            } else {
+                let [sums] = kernel.block([row_of(r)], panel);
+                write(r, p, &sums);
+            }
+        }
+        r += if left >= ROWS { ROWS } else { 1 };
+    }
+    if !epilogue.is_empty() {
+        for row in out[..rows.len() * n].chunks_exact_mut(n.max(1)) {
+            for e in epilogue {
+                apply_run(e.op, row, &e.values);
+            }
+        }
+    }
+}
+
+/// Blocks in plain Rust (the compiler vectorizes the column loop).
+#[derive(Clone, Copy)]
+struct PortableBlock;
+
+impl BlockKernel for PortableBlock {
+    #[inline(always)]
+    fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R] {
+        let mut acc = [[0.0f32; PANEL]; R];
+        for (kk, w) in panel.iter().enumerate() {
+            for (acc, row) in acc.iter_mut().zip(&rows) {
+                let x = row[kk];
+                for (s, w) in acc.iter_mut().zip(w) {
+                    *s += x * w;
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// The product compiled with AVX2 and FMA enabled.
+#[cfg(target_arch = "x86_64")]
+struct AvxMatmul<'a> {
+    v3: V3,
+    a: &'a [f32],
+    rows: Range<usize>,
+    b: &'a PackedMatrix,
+    out: &'a mut [f32],
+    epilogue: &'a [ChannelOp],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for AvxMatmul<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        matmul_loop(self.a, self.rows, self.b, self.out, self.epilogue, AvxBlock(self.v3));
+    }
+}
+
+/// Blocks with fused multiply-adds on two 256-bit vectors per row.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct AvxBlock(V3);
+
+#[cfg(target_arch = "x86_64")]
+impl BlockKernel for AvxBlock {
+    #[inline(always)]
+    fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R] {
+        use pulp::{cast, f32x8};
+        let v3 = self.0;
+        let zero = v3.splat_f32x8(0.0);
+        let mut acc = [[zero; 2]; R];
+        for (kk, w) in panel.iter().enumerate() {
+            let [low, high]: [f32x8; 2] = cast(*w);
+            for (acc, row) in acc.iter_mut().zip(&rows) {
+                let x = v3.splat_f32x8(row[kk]);
+                acc[0] = v3.mul_add_f32x8(x, low, acc[0]);
+                acc[1] = v3.mul_add_f32x8(x, high, acc[1]);
+            }
+        }
+        acc.map(cast)
+    }
+}
+
+/// How a stride-1 convolution of one image reads its padded input: the padded planes laid end
+/// to end, so that the output positions `j` of one output row-major plane whose rows are
+/// `padded_width` long (the last columns of each row are discarded) read the tap `t` at
+/// `source[offsets[t] + j]`.
+#[derive(Debug, Clone)]
+pub(super) struct ConvLayout {
+    /// Input channels per group.
+    pub channels: usize,
+    /// Output channels per group.
+    pub outputs: usize,
+    /// Spatial size of the input, as `[height, width]` (a 1-D input has height 1).
+    pub input: [usize; 2],
+    /// The window, as 2-D.
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    pub pads_before: [usize; 2],
+    pub pads_after: [usize; 2],
+    /// Per tap of the window, where it reads in the padded input (see the type's doc).
+    offsets: Vec<usize>,
+}
+
+impl ConvLayout {
+    /// The 2-D layout of a window over 1-D or 2-D data, or `None` for more spatial axes.
+    pub(super) fn new(window: &Window, channels: usize, outputs: usize, input: &[usize]) -> Option<Self> {
+        let two = |v: &[usize], fill: usize| -> Option<[usize; 2]> {
+            match v {
+                [w] => Some([fill, *w]),
+                [h, w] => Some([*h, *w]),
+                _ => None,
+            }
+        };
+        let mut layout = Self {
+            channels,
+            outputs,
+            input: two(input, 1)?,
+            kernel: two(&window.kernel, 1)?,
+            strides: two(&window.strides, 1)?,
+            dilations: two(&window.dilations, 1)?,
+            pads_before: two(&window.pads_before, 0)?,
+            pads_after: two(&window.pads_after, 0)?,
+            offsets: Vec::new(),
+        };
+        let padded_width = layout.padded()[1];
+        layout.offsets = (0..layout.kernel[0] * layout.kernel[1])
+            .map(|t| {
+                let (ky, kx) = (t / layout.kernel[1], t % layout.kernel[1]);
+                ky * layout.dilations[0] * padded_width + kx * layout.dilations[1]
+            })
+            .collect();
+        Some(layout)
+    }
+
+    fn padded(&self) -> [usize; 2] {
+        [0, 1].map(|a| self.input[a] + self.pads_before[a] + self.pads_after[a])
+    }
+
+    /// The extent of the window along an axis.
+    fn reach(&self, axis: usize) -> usize {
+        (self.kernel[axis] - 1) * self.dilations[axis] + 1
+    }
+
+    /// The output's spatial size, or `None` when the window does not fit the padded input.
+    pub(super) fn output(&self) -> Option<[usize; 2]> {
+        let padded = self.padded();
+        let mut out = [0; 2];
+        for axis in 0..2 {
+            if self.kernel[axis] == 0 || self.strides[axis] == 0 || self.dilations[axis] == 0 {
+                return None;
+            }
+            out[axis] = padded[axis].checked_sub(self.reach(axis))? / self.strides[axis] + 1;
+        }
+        Some(out)
+    }
+}
+
+/// Scratch space of a convolution, reused across images and groups.
+#[derive(Debug, Default)]
+pub(super) struct ConvScratch {
+    padded: Vec<f32>,
+    /// What `padded` is laid out for: length, input size, padding before, padded width.
+    padded_for: Option<(usize, [usize; 2], [usize; 2], usize)>,
+    sums: Vec<f32>,
+}
+
+/// Output positions computed together by the convolution kernel: two vectors of eight.
+const CONV_RUN: usize = 16;
+
+/// One image of a convolution in `groups` groups: `input` holds the image's
+/// `groups * channels` planes, `weights` the `groups * outputs x channels x kernel` weights, and
+/// `out` receives the `groups * outputs` planes, each channel then passed through `epilogue`.
+pub(super) fn conv_image(
+    layout: &ConvLayout,
+    groups: usize,
+    input: &[f32],
+    weights: &[f32],
+    epilogue: &[ChannelOp],
+    scratch: &mut ConvScratch,
+    out: &mut [f32],
+) {
+    let [padded_height, padded_width] = layout.padded();
+    let plane = padded_height * padded_width;
+    // Stride-1 output rows; a larger stride keeps every `stride`-th row and column of them.
+    let dense_rows = padded_height + 1 - layout.reach(0);
+    let run = (dense_rows * padded_width).div_ceil(CONV_RUN) * CONV_RUN;
+    let taps = layout.kernel[0] * layout.kernel[1];
+    let offsets = &layout.offsets;
+    let longest = offsets.iter().max().copied().unwrap_or(0);
+    let channels = groups * layout.channels;
+    let padded_len = (channels - 1) * plane + longest + run;
+    // The padding stays zero from one image to the next: only the planes' insides are written.
+    let shape = (padded_len, layout.input, layout.pads_before, padded_width);
+    if scratch.padded_for != Some(shape) {
+        scratch.padded.clear();
+        scratch.padded.resize(padded_len, 0.0);
+        scratch.padded_for = Some(shape);
+    }
+    let [height, width] = layout.input;
+    if padded_width == width {
+        // No padding left or right: each plane is one run.
+        for c in 0..channels {
+            let to = c * plane + layout.pads_before[0] * width;
+            scratch.padded[to..to + height * width].copy_from_slice(&input[c * height * width..][..height * width]);
+        }
+    } else {
+        for c in 0..channels {
+            for y in 0..height {
+                let from = &input[(c * height + y) * width..][..width];
+                let to = c * plane + (y + layout.pads_before[0]) * padded_width + layout.pads_before[1];
+                scratch.padded[to..to + width].copy_from_slice(from);
+            }
+        }
+    }
+    let outputs = groups * layout.outputs;
+    scratch.sums.resize(outputs * run, 0.0);
+    let per_output = layout.channels * taps;
+    for g in 0..groups {
+        let taps_of = ConvTaps {
+            source: &scratch.padded[g * layout.channels * plane..],
+            plane,
+            offsets,
+            channels: layout.channels,
+        };
+        let group_weights = &weights[g * layout.outputs * per_output..][..layout.outputs * per_output];
+        let sums = &mut scratch.sums[g * layout.outputs * run..][..layout.outputs * run];
+        conv_sums(&taps_of, group_weights, per_output, run, sums);
+    }
+    let [out_height, out_width] = layout.output().unwrap_or([0, 0]);
+    for o in 0..outputs {
+        let sums = &scratch.sums[o * run..][..run];
+        let dest = &mut out[o * out_height * out_width..][..out_height * out_width];
+        for (y, dest_row) in dest.chunks_exact_mut(out_width.max(1)).enumerate() {
+            let source_row = &sums[y * layout.strides[0] * padded_width..];
+            if layout.strides[1] == 1 {
+                dest_row.copy_from_slice(&source_row[..out_width]);
+            } else {
+                for (x, d) in dest_row.iter_mut().enumerate() {
+                    *d = source_row[x * layout.strides[1]];
+                }
+            }
+        }
+        for e in epilogue {
+            apply_run(e.op, dest, &[e.value(o)]);
+        }
+    }
+}
+
+/// Where a convolution's taps read: channel `c`'s tap `t` at `source[c * plane + offsets[t]..]`.
+struct ConvTaps<'a> {
+    source: &'a [f32],
+    plane: usize,
+    offsets: &'a [usize],
+    channels: usize,
+}
+
+/// `sums[o * run + j] = sum over channels and taps of weight * source`, for every output
+/// channel `o` (weights `per_output` each) and position `j < run` (a multiple of [`CONV_RUN`]).
+fn conv_sums(taps: &ConvTaps<'_>, weights: &[f32], per_output: usize, run: usize, sums: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = V3::try_new() {
+        return v3.vectorize(AvxConv {
+            v3,
+            taps,
+            weights,
+            per_output,
+            run,
+            sums,
+        });
+    }
+    conv_loop(taps, weights, per_output, run, sums, PortableConv);
+}
+
+/// A kernel for `O` output channels over [`CONV_RUN`] positions.
+trait ConvKernel: Copy {
+    fn block<const O: usize>(self, taps: &ConvTaps<'_>, weights: [&[f32]; O], first: usize) -> [[f32; CONV_RUN]; O];
+}
+
+#[inline(always)]
+fn conv_loop(
+    taps: &ConvTaps<'_>,
+    weights: &[f32],
+    per_output: usize,
+    run: usize,
+    sums: &mut [f32],
+    kernel: impl ConvKernel,
+) {
+    let outputs = sums.len() / run.max(1);
+    let weights_of = |o: usize| &weights[o * per_output..][..per_output];
+    let mut o = 0;
+    while o < outputs {
+        let four = outputs - o >= 4;
+        for first in (0..run).step_by(CONV_RUN) {
+            if four {
+                let block = kernel.block(
+                    taps,
+                    [weights_of(o), weights_of(o + 1), weights_of(o + 2), weights_of(o + 3)],
+                    first,
+                );
+                for (i, b) in block.iter().enumerate() {
+                    sums[(o + i) * run + first..][..CONV_RUN].copy_from_slice(b);
+                }
+            } else {
+                let [block] = kernel.block(taps, [weights_of(o)], first);
+                sums[o * run + first..][..CONV_RUN].copy_from_slice(&block);
+            }
+        }
+        o += if four { 4 } else { 1 };
+    }
+}
+
+#[derive(Clone, Copy)]
+struct PortableConv;
+
+impl ConvKernel for PortableConv {
+    #[inline(always)]
+    fn block<const O: usize>(self, taps: &ConvTaps<'_>, weights: [&[f32]; O], first: usize) -> [[f32; CONV_RUN]; O] {
+        let mut acc = [[0.0f32; CONV_RUN]; O];
+        let count = taps.offsets.len();
+        for c in 0..taps.channels {
+            for (t, offset) in taps.offsets.iter().enumerate() {
+                let source: &[f32; CONV_RUN] = taps.source[c * taps.plane + offset + first..][..CONV_RUN]
+                    .try_into()
+                    .unwrap_or(&[0.0; CONV_RUN]);
+                for (acc, w) in acc.iter_mut().zip(&weights) {
+                    let w = w[c * count + t];
+                    for (s, x) in acc.iter_mut().zip(source) {
+                        *s += w * x;
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct AvxConv<'a, 'b> {
+    v3: V3,
+    taps: &'a ConvTaps<'b>,
+    weights: &'a [f32],
+    per_output: usize,
+    run: usize,
+    sums: &'a mut [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for AvxConv<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        conv_loop(
+            self.taps,
+            self.weights,
+            self.per_output,
+            self.run,
+            self.sums,
+            AvxConvBlock(self.v3),
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct AvxConvBlock(V3);
+
+#[cfg(target_arch = "x86_64")]
+impl ConvKernel for AvxConvBlock {
+    #[inline(always)]
+    fn block<const O: usize>(self, taps: &ConvTaps<'_>, weights: [&[f32]; O], first: usize) -> [[f32; CONV_RUN]; O] {
+        use pulp::{cast, f32x8};
+        let v3 = self.0;
+        let zero = v3.splat_f32x8(0.0);
+        let mut acc = [[zero; 2]; O];
+        let count = taps.offsets.len();
+        for c in 0..taps.channels {
+            let base = c * taps.plane + first;
+            for (t, offset) in taps.offsets.iter().enumerate() {
+                let source = &taps.source[base + offset..][..CONV_RUN];
+                let low: f32x8 = cast(<[f32; 8]>::try_from(&source[..8]).unwrap_or([0.0; 8]));
+                let high: f32x8 = cast(<[f32; 8]>::try_from(&source[8..]).unwrap_or([0.0; 8]));
+                for (acc, w) in acc.iter_mut().zip(&weights) {
+                    let w = v3.splat_f32x8(w[c * count + t]);
+                    acc[0] = v3.mul_add_f32x8(w, low, acc[0]);
+                    acc[1] = v3.mul_add_f32x8(w, high, acc[1]);
+                }
+            }
+        }
+        acc.map(cast)
+    }
+}
+
+/// Max or average pooling of one plane (`[height, width]`, 1-D as height 1) into `out`:
+/// `average` is `None` for the maximum, else whether padding counts in the divisor.
+pub(super) fn pool_plane(
+    layout: &ConvLayout,
+    input: &[f32],
+    average: Option<bool>,
+    line: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let [height, width] = layout.input;
+    let [out_height, out_width] = layout.output().unwrap_or([0, 0]);
+    let full = (layout.kernel[0] * layout.kernel[1]) as f32;
+    let max = |a: f32, b: f32| if a > b || a.is_nan() { a } else { b };
+    if layout.pads_before == [0, 0] && layout.pads_after == [0, 0] {
+        // Every window lies inside the plane: each output row reduces its input rows into one
+        // line (contiguous, so it vectorizes), then each window's columns of that line.
+        line.resize(width, 0.0);
+        let (stride, dilation, taps) = (layout.strides[1], layout.dilations[1], layout.kernel[1]);
+        for (oy, row) in out.chunks_exact_mut(out_width.max(1)).take(out_height).enumerate() {
+            for ky in 0..layout.kernel[0] {
+                let source = &input[(oy * layout.strides[0] + ky * layout.dilations[0]) * width..][..width];
+                if ky == 0 {
+                    line.copy_from_slice(source);
+                } else if average.is_some() {
+                    line.iter_mut().zip(source).for_each(|(l, v)| *l += v);
+                } else {
+                    line.iter_mut().zip(source).for_each(|(l, v)| *l = max(*v, *l));
+                }
+            }
+            for (ox, o) in row.iter_mut().enumerate() {
+                let window = line[ox * stride..].iter().step_by(dilation).take(taps);
+                *o = match average {
+                    Some(_) => window.sum::<f32>() / full,
+                    None if dilation == 1 => line[ox * stride..][..taps]
+                        .iter()
+                        .fold(f32::NEG_INFINITY, |m, v| max(*v, m)),
+                    None => window.fold(f32::NEG_INFINITY, |m, v| max(*v, m)),
+                };
+            }
+        }
+        return;
+    }
+    for oy in 0..out_height {
+        for ox in 0..out_width {
+            let mut best = f32::NEG_INFINITY;
+            let mut sum = 0.0f32;
+            let mut count = 0usize;
+            for ky in 0..layout.kernel[0] {
+                let y = (oy * layout.strides[0] + ky * layout.dilations[0]).checked_sub(layout.pads_before[0]);
+                let Some(y) = y.filter(|y| *y < height) else { continue };
+                for kx in 0..layout.kernel[1] {
+                    let x = (ox * layout.strides[1] + kx * layout.dilations[1]).checked_sub(layout.pads_before[1]);
+                    let Some(x) = x.filter(|x| *x < width) else { continue };
+                    let v = input[y * width + x];
+                    best = max(v, best);
+                    sum += v;
+                    count += 1;
+                }
+            }
+            out[oy * out_width + ox] = match average {
+                None => best,
+                Some(true) => sum / full,
+                Some(false) => sum / count.max(1) as f32,
+            };
+        }
+    }
+}
+
+/// `e^x` to within a few units in the last place for `x` at most 0 (softmax's shifted inputs),
+/// branch-free so that a loop of it vectorizes: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, then
+/// `2^n` times a degree-6 polynomial in `r`.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HIGH: f32 = 0.693_145_75;
+    const LN2_LOW: f32 = 1.428_606_8e-6;
+    // Adding and removing 1.5 * 2^23 rounds to the nearest integer in float arithmetic.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HIGH) - n * LN2_LOW;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // `n` is an integer in -126..=0, so `n + 127` is a valid biased exponent.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// Softmax of each contiguous row of `values`, `width` long.
+pub(super) fn softmax_rows(values: &mut [f32], width: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = V3::try_new() {
+        return v3.vectorize(AvxSoftmax { values, width });
+    }
+    softmax_loop(values, width);
+}
+
+#[cfg(target_arch = "x86_64")]
+struct AvxSoftmax<'a> {
+    values: &'a mut [f32],
+    width: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for AvxSoftmax<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        softmax_loop(self.values, self.width);
+    }
+}
+
+#[inline(always)]
+fn softmax_loop(values: &mut [f32], width: usize) {
+    for row in values.chunks_exact_mut(width.max(1)) {
+        if row.iter().any(|x| x.is_nan()) {
+            row.fill(f32::NAN);
+            continue;
+        }
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+        if max == f32::INFINITY {
+            // Only the infinite entries share the mass, as exp(x - max) would say in the limit.
+            let count = row.iter().filter(|x| **x == f32::INFINITY).count() as f32;
+            row.iter_mut()
+                .for_each(|x| *x = if *x == f32::INFINITY { 1.0 / count } else { 0.0 });
+            continue;
+        }
+        row.iter_mut().for_each(|x| *x = exp_nonpositive(*x - max));
+        let sum: f32 = row.iter().sum();
+        let scale = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= scale);
+    }
+}
+
+/// Softmax along an axis whose elements lie `inner` apart, for `outer` blocks of
+/// `width * inner` values.
+pub(super) fn softmax_strided(values: &mut [f32], width: usize, inner: usize) {
+    let mut lane = vec![0.0f32; width];
+    for block in values.chunks_exact_mut((width * inner).max(1)) {
+        for i in 0..inner {
+            for (w, x) in lane.iter_mut().enumerate() {
+                *x = block[w * inner + i];
+            }
+            softmax_rows(&mut lane, width);
+            for (w, x) in lane.iter().enumerate() {
+                block[w * inner + i] = *x;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_fast_exponential_is_within_a_few_ulp() {
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let exact = f64::from(x).exp();
+            let fast = f64::from(exp_nonpositive(x));
+            assert!(((fast - exact) / exact).abs() < 4e-7, "exp({x}) = {fast}, not {exact}");
+            x -= 0.0137;
+        }
+        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    fn reference_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                out[r * n + c] = (0..k)
+                    .map(|kk| f64::from(a[r * k + kk]) * f64::from(b[kk * n + c]))
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn products_match_the_reference(m in 1usize..11, k in 1usize..40, n in 1usize..40, seed in 0u64..1000) {
+            let mut value = crate::exec::test_values(seed);
+            let a: Vec<f32> = (0..m * k).map(|_| value(100) as f32 / 7.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| value(100) as f32 / 5.0).collect();
+            let expected = reference_matmul(&a, &b, m, k, n);
+            let transposed: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            for packed in [PackedMatrix::pack(&b, k, n, false), PackedMatrix::pack(&transposed, k, n, true)] {
+                let mut out = vec![0.0f32; m * n];
+                matmul(&a, 0..m, &packed, &mut out, &[]);
+                for (x, e) in out.iter().zip(&expected) {
+                    prop_assert!((x - e).abs() <= 1e-3 * e.abs().max(1.0), "{x} vs {e}");
+                }
+            }
+        }
+    }
+}
