@@ -193,6 +193,13 @@ impl FloatModel {
         self.program.is_some()
     }
 
+    /// The same model with every run on tract's plans, Vouch's own kernels set aside: to compare
+    /// the two float engines.
+    pub fn on_tract_only(mut self) -> Self {
+        self.program = None;
+        self
+    }
+
     /// How many runs Vouch's own kernels handed to tract because of shapes they do not handle.
     pub fn runs_handed_to_tract(&self) -> u64 {
         self.handed_to_tract.load(Ordering::Relaxed)
