@@ -1319,67 +1319,27 @@ fn broadcast(a: &ITensor, b: &ITensor, options: &ExecOptions, f: impl Fn(i32, i3
             data: a.data.iter().zip(&b.data).map(|(x, y)| f(*x, *y)).collect(),
         });
     }
-    let rank = a.shape.len().max(b.shape.len());
-    let pad = |s: &[usize]| -> Vec<usize> {
-        std::iter::repeat_n(1, rank - s.len())
-            .chain(s.iter().copied())
-            .collect()
-    };
-    let (sa, sb) = (pad(&a.shape), pad(&b.shape));
-    let mut shape = Vec::with_capacity(rank);
-    for (x, y) in sa.iter().zip(&sb) {
-        shape.push(match (x, y) {
-            (x, y) if x == y => *x,
-            (1, y) => *y,
-            (x, 1) => *x,
-            _ => return Err(format!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape)),
-        });
-    }
+    let shape = crate::broadcast::shape(&[&a.shape, &b.shape])?;
     let count = element_count(&shape, options)?;
-    let strides = |s: &[usize]| -> Vec<usize> {
-        let mut strides = vec![0usize; rank];
-        let mut step = 1;
-        for axis in (0..rank).rev() {
-            strides[axis] = if s[axis] == 1 { 0 } else { step };
-            step *= s[axis];
-        }
-        strides
-    };
-    let (ta, tb) = (strides(&sa), strides(&sb));
-    let mut data = Vec::with_capacity(count);
-    if rank == 0 || count == 0 {
-        data.extend(a.data.iter().zip(&b.data).map(|(x, y)| f(*x, *y)).take(count));
-        return Ok(ITensor { shape, data });
-    }
+    let (ta, tb) = (
+        crate::broadcast::strides(&a.shape, &shape),
+        crate::broadcast::strides(&b.shape, &shape),
+    );
     // Row by row along the last axis, each row one loop over contiguous (or repeated) elements.
-    let last = rank - 1;
-    let width = shape[last];
-    let mut index = vec![0usize; last];
-    let (mut oa, mut ob) = (0usize, 0usize);
-    for _ in 0..count / width {
-        match (ta[last], tb[last]) {
-            (0, 0) => data.extend(std::iter::repeat_n(f(a.data[oa], b.data[ob]), width)),
-            (0, _) => data.extend(b.data[ob..ob + width].iter().map(|y| f(a.data[oa], *y))),
-            (_, 0) => data.extend(a.data[oa..oa + width].iter().map(|x| f(*x, b.data[ob]))),
-            _ => data.extend(
-                a.data[oa..oa + width]
-                    .iter()
-                    .zip(&b.data[ob..ob + width])
-                    .map(|(x, y)| f(*x, *y)),
-            ),
-        }
-        for axis in (0..last).rev() {
-            index[axis] += 1;
-            oa += ta[axis];
-            ob += tb[axis];
-            if index[axis] < shape[axis] {
-                break;
-            }
-            oa -= ta[axis] * shape[axis];
-            ob -= tb[axis] * shape[axis];
-            index[axis] = 0;
-        }
-    }
+    let width = shape.last().copied().unwrap_or(1);
+    let steps = (ta.last().copied().unwrap_or(0), tb.last().copied().unwrap_or(0));
+    let mut data = Vec::with_capacity(count);
+    crate::broadcast::for_each_row(&shape, [&ta, &tb], |[oa, ob]| match steps {
+        (0, 0) => data.extend(std::iter::repeat_n(f(a.data[oa], b.data[ob]), width)),
+        (0, _) => data.extend(b.data[ob..ob + width].iter().map(|y| f(a.data[oa], *y))),
+        (_, 0) => data.extend(a.data[oa..oa + width].iter().map(|x| f(*x, b.data[ob]))),
+        _ => data.extend(
+            a.data[oa..oa + width]
+                .iter()
+                .zip(&b.data[ob..ob + width])
+                .map(|(x, y)| f(*x, *y)),
+        ),
+    });
     Ok(ITensor { shape, data })
 }
 

@@ -5,6 +5,7 @@
 //! quantizes the IR into an exact [`Plan`]; [`execute`] runs a plan with integers only, and
 //! [`TraceTree`] commits to every value it computed. [`FloatModel`] is the float path.
 
+mod broadcast;
 pub mod exec;
 pub mod fixed;
 mod float;

@@ -3,6 +3,7 @@
 //! requantization an embedding row or a comparison carries), so they are exact by construction.
 
 use super::{ExecOptions, ITensor, element_count};
+use crate::broadcast;
 use crate::fixed::{Multiplier, saturate};
 use crate::plan::{CompareOp, LogicOp};
 
@@ -193,69 +194,26 @@ pub(super) fn range(start: i64, end: i64, step: i64, options: &ExecOptions) -> R
     Ok(ITensor { shape: vec![len], data })
 }
 
-/// The NumPy broadcast of several shapes.
-fn broadcast_shape(shapes: &[&[usize]]) -> Result<Vec<usize>, String> {
-    let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
-    let mut shape = vec![1usize; rank];
-    for s in shapes {
-        for (axis, dim) in s.iter().enumerate() {
-            let slot = &mut shape[rank - s.len() + axis];
-            match (*slot, *dim) {
-                (a, b) if a == b => {}
-                (1, b) => *slot = b,
-                (_, 1) => {}
-                _ => return Err(format!("shapes {shapes:?} do not broadcast")),
-            }
-        }
-    }
-    Ok(shape)
-}
-
 /// Each input read at every position of `shape` (which its own shape broadcasts to), through `f`.
-fn broadcast_map(
-    inputs: &[&ITensor],
+fn broadcast_map<const N: usize>(
+    inputs: [&ITensor; N],
     shape: Vec<usize>,
     options: &ExecOptions,
-    f: impl Fn(&[i32]) -> i32,
+    f: impl Fn([i32; N]) -> i32,
 ) -> Result<ITensor, String> {
     let count = element_count(&shape, options)?;
-    let rank = shape.len();
-    let strides: Vec<Vec<usize>> = inputs
-        .iter()
-        .map(|x| {
-            let mut strides = vec![0usize; rank];
-            let mut step = 1;
-            for axis in (0..x.shape.len()).rev() {
-                let out_axis = rank - x.shape.len() + axis;
-                strides[out_axis] = if x.shape[axis] == 1 { 0 } else { step };
-                step *= x.shape[axis];
-            }
-            strides
-        })
-        .collect();
-    let mut index = vec![0usize; rank];
-    let mut offsets = vec![0usize; inputs.len()];
-    let mut values = vec![0i32; inputs.len()];
+    let strides: [Vec<usize>; N] = std::array::from_fn(|i| broadcast::strides(&inputs[i].shape, &shape));
+    let step: [usize; N] = std::array::from_fn(|i| strides[i].last().copied().unwrap_or(0));
+    let width = shape.last().copied().unwrap_or(1);
     let mut data = Vec::with_capacity(count);
-    for _ in 0..count {
-        for (value, (x, offset)) in values.iter_mut().zip(inputs.iter().zip(&offsets)) {
-            *value = x.data[*offset];
+    let rows: [&[usize]; N] = std::array::from_fn(|i| strides[i].as_slice());
+    broadcast::for_each_row(&shape, rows, |offsets: [usize; N]| {
+        for column in 0..width {
+            data.push(f(std::array::from_fn(|i| {
+                inputs[i].data[offsets[i] + column * step[i]]
+            })));
         }
-        data.push(f(&values));
-        for axis in (0..rank).rev() {
-            index[axis] += 1;
-            for (offset, s) in offsets.iter_mut().zip(&strides) {
-                *offset += s[axis];
-            }
-            if index[axis] < shape[axis] {
-                break;
-            }
-            for (offset, s) in offsets.iter_mut().zip(&strides) {
-                *offset -= s[axis] * shape[axis];
-            }
-            index[axis] = 0;
-        }
-    }
+    });
     Ok(ITensor { shape, data })
 }
 
@@ -268,13 +226,13 @@ pub(super) fn expand(x: &ITensor, shape: &ITensor, options: &ExecOptions) -> Res
         .iter()
         .map(|d| usize::try_from(*d).map_err(|_| format!("dimension {d} is negative")))
         .collect::<Result<_, _>>()?;
-    let out = broadcast_shape(&[&x.shape, &target])?;
-    broadcast_map(&[x], out, options, |v| v[0])
+    let out = broadcast::shape(&[&x.shape, &target])?;
+    broadcast_map([x], out, options, |v| v[0])
 }
 
 pub(super) fn select(cond: &ITensor, a: &ITensor, b: &ITensor, options: &ExecOptions) -> Result<ITensor, String> {
-    let shape = broadcast_shape(&[&cond.shape, &a.shape, &b.shape])?;
-    broadcast_map(&[cond, a, b], shape, options, |v| if v[0] != 0 { v[1] } else { v[2] })
+    let shape = broadcast::shape(&[&cond.shape, &a.shape, &b.shape])?;
+    broadcast_map([cond, a, b], shape, options, |v| if v[0] != 0 { v[1] } else { v[2] })
 }
 
 pub(super) fn compare(
@@ -284,8 +242,8 @@ pub(super) fn compare(
     scales: (Multiplier, Multiplier),
     options: &ExecOptions,
 ) -> Result<ITensor, String> {
-    let shape = broadcast_shape(&[&a.shape, &b.shape])?;
-    broadcast_map(&[a, b], shape, options, |v| {
+    let shape = broadcast::shape(&[&a.shape, &b.shape])?;
+    broadcast_map([a, b], shape, options, |v| {
         let (x, y) = (scales.0.apply(i64::from(v[0])), scales.1.apply(i64::from(v[1])));
         i32::from(match op {
             CompareOp::Eq => x == y,
@@ -299,8 +257,8 @@ pub(super) fn compare(
 }
 
 pub(super) fn logic(a: &ITensor, b: &ITensor, op: LogicOp, options: &ExecOptions) -> Result<ITensor, String> {
-    let shape = broadcast_shape(&[&a.shape, &b.shape])?;
-    broadcast_map(&[a, b], shape, options, |v| {
+    let shape = broadcast::shape(&[&a.shape, &b.shape])?;
+    broadcast_map([a, b], shape, options, |v| {
         let (x, y) = (v[0] != 0, v[1] != 0);
         i32::from(match op {
             LogicOp::And => x && y,

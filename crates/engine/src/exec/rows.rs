@@ -20,21 +20,7 @@ use std::ops::Range;
 
 use super::{ExecOptions, ITensor, run_instr};
 use crate::plan::{Instr, Plan, PlanDim};
-use crate::pools::{MAX_THREADS, run_polling};
-
-/// Below about 2^17 products (as [`products_per_row`] estimates them), a batch runs faster
-/// undivided: `vouch-bench engine --threads 2` on the digit CNN, whose rows cost about 6,000
-/// estimated products, gains from 32 rows (about 57 -> 42 µs) and loses at 4 (12 -> 15 µs).
-const BLOCK_WORTHY_PRODUCTS: usize = 1 << 17;
-
-/// How a value relates to the batch rows of the inputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Rows {
-    /// Axis 0 holds the batch rows: each block computes its own rows.
-    Batched,
-    /// The same in every block (constants, values that do not depend on batched inputs).
-    Shared,
-}
+use crate::pools::{BLOCK_WORTHY_PRODUCTS, Rows, row_blocks, run_polling};
 
 /// Runs the instructions of `plan` on blocks of rows of its bound `inputs` when the plan allows
 /// it and the work is worth the threads; returns the instructions' values (not the inputs), or
@@ -61,17 +47,16 @@ fn run_in_row_blocks_above(
         .filter(|(_, kind)| **kind == Rows::Batched)
         .map(|(x, _)| x.data.len() / rows.max(1))
         .sum();
-    if rows < 2 || products_per_row(plan, elements_per_row).saturating_mul(rows) < min_products {
-        return None;
-    }
-    let blocks = options.threads.min(rows).min(MAX_THREADS);
+    let bounds = row_blocks(
+        rows,
+        options.threads,
+        products_per_row(plan, elements_per_row),
+        min_products,
+    )?;
     let block_options = ExecOptions {
-        threads: (options.threads / blocks).max(1),
+        threads: (options.threads / bounds.len()).max(1),
         ..*options
     };
-    let bounds: Vec<Range<usize>> = (0..blocks)
-        .map(|b| rows * b / blocks..rows * (b + 1) / blocks)
-        .collect();
     let run = |range: &Range<usize>| run_block(plan, inputs, &kinds, range.clone(), &block_options);
     let tasks: Vec<_> = bounds.iter().map(|range| move || run(range)).collect();
     let results = run_polling(tasks);

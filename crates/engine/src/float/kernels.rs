@@ -616,9 +616,12 @@ pub(super) fn pool_plane(
                     let x = (ox * layout.strides[1] + kx * layout.dilations[1]).checked_sub(layout.pads_before[1]);
                     let Some(x) = x.filter(|x| *x < width) else { continue };
                     let v = input[y * width + x];
-                    best = max(v, best);
-                    sum += v;
-                    count += 1;
+                    if average.is_some() {
+                        sum += v;
+                        count += 1;
+                    } else {
+                        best = max(v, best);
+                    }
                 }
             }
             out[oy * out_width + ox] = match average {

@@ -11,17 +11,13 @@ use std::ops::Range;
 use vouch_tensor::{Tensor, TensorData};
 
 use super::kernels::{self, ChannelOp, ConvLayout, ConvScratch, PackedMatrix};
+use crate::broadcast;
 use crate::ir::{BinaryOp, DimFact, Graph, Op, ReduceOp, UnaryOp, ValueId, Window};
-use crate::pools::{MAX_THREADS, run_polling};
+use crate::pools::{BLOCK_WORTHY_PRODUCTS, Rows, row_blocks, run_polling};
 use vouch_tensor::DType;
 
 /// Most elements any one value may have.
 const MAX_ELEMENTS: usize = 1 << 28;
-
-/// Below about this many multiply-adds per batch (as the IR's shapes estimate them), a batch
-/// runs faster undivided than in one block per thread: handing a block to another thread and
-/// joining the blocks costs a few microseconds.
-const BLOCK_WORTHY_PRODUCTS: usize = 1 << 17;
 
 /// Why a run did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +42,36 @@ pub(crate) enum RunError {
     },
 }
 
+/// Why a step did not complete, before the caller names its node.
+#[derive(Debug)]
+enum StepError {
+    /// The result would have this many elements (saturated), over [`MAX_ELEMENTS`].
+    TooLarge(usize),
+    /// Shapes or operands this executor does not handle.
+    Unhandled(String),
+}
+
+impl From<String> for StepError {
+    fn from(reason: String) -> Self {
+        Self::Unhandled(reason)
+    }
+}
+
+impl From<&str> for StepError {
+    fn from(reason: &str) -> Self {
+        Self::Unhandled(reason.to_owned())
+    }
+}
+
+/// The element count of a result of `shape`, refused over [`MAX_ELEMENTS`] before anything is
+/// allocated for it.
+fn sized(shape: &[usize]) -> Result<usize, StepError> {
+    match checked_elements(shape) {
+        Some(elements) if elements <= MAX_ELEMENTS => Ok(elements),
+        elements => Err(StepError::TooLarge(elements.unwrap_or(usize::MAX))),
+    }
+}
+
 /// A graph the float executor can run, with its constants laid out for the kernels.
 #[derive(Debug)]
 pub(crate) struct FloatProgram {
@@ -68,15 +94,6 @@ pub(crate) struct FloatProgram {
 struct Const {
     shape: Vec<usize>,
     data: Vec<f32>,
-}
-
-/// How a value relates to the batch rows of the inputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Rows {
-    /// Axis 0 holds the batch rows: each block computes its own.
-    Batched,
-    /// The same in every block.
-    Shared,
 }
 
 #[derive(Debug)]
@@ -494,15 +511,11 @@ impl FloatProgram {
         let kinds = self.rows.as_ref()?;
         let batched = self.inputs.iter().position(|v| kinds[*v] == Rows::Batched)?;
         let rows = *given[batched].shape.first()?;
-        let products = self.products_per_row.unwrap_or(usize::MAX).saturating_mul(rows);
-        if threads < 2 || rows < 2 || products < BLOCK_WORTHY_PRODUCTS {
-            return None;
-        }
-        let blocks = threads.min(rows).min(MAX_THREADS);
-        Some(
-            (0..blocks)
-                .map(|b| rows * b / blocks..rows * (b + 1) / blocks)
-                .collect(),
+        row_blocks(
+            rows,
+            threads,
+            self.products_per_row.unwrap_or(usize::MAX),
+            BLOCK_WORTHY_PRODUCTS,
         )
     }
 
@@ -564,14 +577,6 @@ impl FloatProgram {
         let mut scratch = ConvScratch::default();
         for (index, step) in self.steps.iter().enumerate() {
             let result = self.run_step(index, step, &mut values, &mut scratch)?;
-            let elements = result.data.len();
-            if elements > MAX_ELEMENTS {
-                return Err(RunError::TooLarge {
-                    node: self.names[step.output].clone(),
-                    elements,
-                    limit: MAX_ELEMENTS,
-                });
-            }
             for input in &step.inputs {
                 if self.last_reader[*input] == index {
                     values[*input] = None;
@@ -603,6 +608,14 @@ impl FloatProgram {
         scratch: &mut ConvScratch,
     ) -> Result<Val<'a>, RunError> {
         let fail = |reason: String| self.unhandled(step.output, reason);
+        let refuse = |error: StepError| match error {
+            StepError::TooLarge(elements) => RunError::TooLarge {
+                node: self.names[step.output].clone(),
+                elements,
+                limit: MAX_ELEMENTS,
+            },
+            StepError::Unhandled(reason) => self.unhandled(step.output, reason),
+        };
         let operand = |values: &[Option<Val<'a>>], id: ValueId| self.operand(values, id);
         // The first operand, taken rather than copied when this step is its last reader.
         let first = step.inputs.first().copied().ok_or_else(|| fail("no operands".into()))?;
@@ -626,7 +639,7 @@ impl FloatProgram {
                 let a = operand(values, first)?;
                 let b = operand(values, step.inputs[1])?;
                 let (ProductSizes { batches, m, k, n }, shape) = form.sizes(&a.shape, &b.shape).map_err(fail)?;
-                let elements = checked_elements(&shape).ok_or_else(|| fail("too many elements".into()))?;
+                let elements = sized(&shape).map_err(refuse)?;
                 check_channels(&step.epilogue, n).map_err(fail)?;
                 let mut out = vec![0.0f32; elements];
                 for batch in 0..batches {
@@ -655,20 +668,20 @@ impl FloatProgram {
             Kernel::Conv { window, group } => {
                 let input = operand(values, first)?;
                 let rest = others(values)?;
-                conv(&input, &rest, window, *group, &step.epilogue, scratch).map_err(fail)?
+                conv(&input, &rest, window, *group, &step.epilogue, scratch).map_err(refuse)?
             }
             Kernel::Pool {
                 window,
                 average,
                 output,
-            } => pool(&operand(values, first)?, window, *average, output).map_err(fail)?,
+            } => pool(&operand(values, first)?, window, *average, output).map_err(refuse)?,
             Kernel::Binary(op) => {
                 let a = take_first(values)?;
                 let b = operand(
                     values,
                     step.inputs.get(1).copied().ok_or_else(|| fail("one operand".into()))?,
                 )?;
-                binary(*op, a, &b).map_err(fail)?
+                binary(*op, a, &b).map_err(refuse)?
             }
             Kernel::Unary(op) => {
                 let mut value = take_first(values)?;
@@ -720,7 +733,7 @@ impl FloatProgram {
                     .iter()
                     .map(|id| operand(values, *id))
                     .collect::<Result<_, _>>()?;
-                concat(&parts, *axis).map_err(fail)?
+                concat(&parts, *axis).map_err(refuse)?
             }
             Kernel::Slice { axis, start, end } => slice(&operand(values, first)?, *axis, *start, *end).map_err(fail)?,
         })
@@ -786,14 +799,15 @@ fn conv<'a>(
     group: usize,
     epilogue: &[ChannelOp],
     scratch: &mut ConvScratch,
-) -> Result<Val<'a>, String> {
+) -> Result<Val<'a>, StepError> {
     let weights = rest.first().ok_or("no weights")?;
     let spatial_rank = window.kernel.len();
     if input.shape.len() != spatial_rank + 2 || weights.shape.len() != spatial_rank + 2 {
         return Err(format!(
             "data {:?} and weights {:?} do not fit a {spatial_rank}-D window",
             input.shape, weights.shape
-        ));
+        )
+        .into());
     }
     let (images, channels) = (input.shape[0], input.shape[1]);
     let outputs = weights.shape[0];
@@ -801,7 +815,8 @@ fn conv<'a>(
         return Err(format!(
             "{channels} input and {outputs} output channels do not fit {group} groups of weights {:?}",
             weights.shape
-        ));
+        )
+        .into());
     }
     let (group_in, group_out) = (channels / group, outputs / group);
     if group_in == 0 || group_out == 0 {
@@ -809,7 +824,7 @@ fn conv<'a>(
     }
     let layout = ConvLayout::new(window, group_in, group_out, &input.shape[2..]).ok_or("unsupported window")?;
     if weights.shape[2..] != window.kernel[..] {
-        return Err(format!("weights {:?} do not fit the window", weights.shape));
+        return Err(format!("weights {:?} do not fit the window", weights.shape).into());
     }
     let out_spatial = layout.output().ok_or("the window is larger than the padded input")?;
     let mut all_ops = Vec::with_capacity(epilogue.len() + 1);
@@ -829,9 +844,7 @@ fn conv<'a>(
     });
     let plane_out = out_spatial[0] * out_spatial[1];
     let plane_in: usize = input.shape[2..].iter().product();
-    let elements = checked_elements(&shape)
-        .filter(|n| *n <= MAX_ELEMENTS)
-        .ok_or("too many elements")?;
+    let elements = sized(&shape)?;
     let mut out = vec![0.0f32; elements];
     for (source, dest) in input
         .data
@@ -851,10 +864,10 @@ fn pool<'a>(
     window: &Window,
     average: Option<bool>,
     expected: &[Option<usize>],
-) -> Result<Val<'a>, String> {
+) -> Result<Val<'a>, StepError> {
     let spatial_rank = window.kernel.len();
     if input.shape.len() != spatial_rank + 2 {
-        return Err(format!("data {:?} do not fit a {spatial_rank}-D window", input.shape));
+        return Err(format!("data {:?} do not fit a {spatial_rank}-D window", input.shape).into());
     }
     let layout = ConvLayout::new(window, 1, 1, &input.shape[2..]).ok_or("unsupported window")?;
     let out_spatial = layout.output().ok_or("the window is larger than the padded input")?;
@@ -865,11 +878,9 @@ fn pool<'a>(
         &out_spatial[..]
     });
     if shape[2..].iter().zip(expected).any(|(d, e)| e.is_some_and(|e| e != *d)) {
-        return Err(format!("pooling gives {:?}, the graph says {expected:?}", &shape[2..]));
+        return Err(format!("pooling gives {:?}, the graph says {expected:?}", &shape[2..]).into());
     }
-    let elements = checked_elements(&shape)
-        .filter(|n| *n <= MAX_ELEMENTS)
-        .ok_or("too many elements")?;
+    let elements = sized(&shape)?;
     let plane_in: usize = input.shape[2..].iter().product();
     let plane_out = out_spatial[0] * out_spatial[1];
     let mut out = vec![0.0f32; elements];
@@ -889,80 +900,21 @@ fn pool<'a>(
     })
 }
 
-/// NumPy broadcasting of two shapes.
-fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let rank = a.len().max(b.len());
-    (0..rank)
-        .map(|i| {
-            let dim = |s: &[usize]| (i + s.len()).checked_sub(rank).map_or(1, |j| s[j]);
-            match (dim(a), dim(b)) {
-                (x, y) if x == y => Some(x),
-                (1, y) => Some(y),
-                (x, 1) => Some(x),
-                _ => None,
-            }
-        })
-        .collect()
-}
-
-/// Strides of `shape` read as `out_shape` by broadcasting (zero along broadcast axes).
-fn broadcast_strides(shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
-    let lead = out_shape.len() - shape.len();
-    let mut strides = vec![0; out_shape.len()];
-    let mut stride = 1;
-    for (i, d) in shape.iter().enumerate().rev() {
-        if *d != 1 {
-            strides[i + lead] = stride;
-        }
-        stride *= d;
-    }
-    strides
-}
-
 /// Calls `f` with the offsets, under each set of strides, of every index of `shape` in
 /// row-major order.
 fn walk<const N: usize>(shape: &[usize], strides: [&[usize]; N], mut f: impl FnMut([usize; N])) {
-    if shape.contains(&0) {
-        return;
-    }
-    let rank = shape.len();
-    let Some(last) = rank.checked_sub(1) else {
-        return f([0; N]);
-    };
-    let mut index = vec![0usize; rank];
-    let mut offsets = [0usize; N];
-    loop {
-        for i in 0..shape[last] {
-            f(std::array::from_fn(|s| offsets[s] + i * strides[s][last]));
+    let width = shape.last().copied().unwrap_or(1);
+    let steps: [usize; N] = std::array::from_fn(|s| strides[s].last().copied().unwrap_or(0));
+    broadcast::for_each_row(shape, strides, |row| {
+        for i in 0..width {
+            f(std::array::from_fn(|s| row[s] + i * steps[s]));
         }
-        // Carry into the outer axes.
-        let mut axis = last;
-        loop {
-            if axis == 0 {
-                return;
-            }
-            axis -= 1;
-            index[axis] += 1;
-            for (o, s) in offsets.iter_mut().zip(&strides) {
-                *o += s[axis];
-            }
-            if index[axis] < shape[axis] {
-                break;
-            }
-            for (o, s) in offsets.iter_mut().zip(&strides) {
-                *o -= s[axis] * index[axis];
-            }
-            index[axis] = 0;
-        }
-    }
+    });
 }
 
-fn binary<'a>(op: BinaryOp, mut a: Val<'a>, b: &Val<'_>) -> Result<Val<'a>, String> {
-    let shape = broadcast_shape(&a.shape, &b.shape)
-        .ok_or_else(|| format!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape))?;
-    let elements = checked_elements(&shape)
-        .filter(|n| *n <= MAX_ELEMENTS)
-        .ok_or("too many elements")?;
+fn binary<'a>(op: BinaryOp, mut a: Val<'a>, b: &Val<'_>) -> Result<Val<'a>, StepError> {
+    let shape = broadcast::shape(&[&a.shape, &b.shape])?;
+    let elements = sized(&shape)?;
     let f = |x: f32, y: f32| kernels::binary(op, x, y);
     if a.shape == shape {
         let trailing = b.shape.iter().skip_while(|d| **d == 1).count();
@@ -980,7 +932,10 @@ fn binary<'a>(op: BinaryOp, mut a: Val<'a>, b: &Val<'_>) -> Result<Val<'a>, Stri
         }
     }
     let mut out = Vec::with_capacity(elements);
-    let (sa, sb) = (broadcast_strides(&a.shape, &shape), broadcast_strides(&b.shape, &shape));
+    let (sa, sb) = (
+        broadcast::strides(&a.shape, &shape),
+        broadcast::strides(&b.shape, &shape),
+    );
     walk(&shape, [&sa, &sb], |[i, j]| out.push(f(a.data[i], b.data[j])));
     Ok(Val {
         shape,
@@ -1074,9 +1029,9 @@ fn move_axis<'a>(value: &Val<'_>, from: usize, to: usize) -> Result<Val<'a>, Str
     let mut order: Vec<usize> = (0..rank).collect();
     let axis = order.remove(from);
     order.insert(to, axis);
-    let strides = broadcast_strides(&value.shape, &value.shape);
+    let strides = broadcast::strides(&value.shape, &value.shape);
     let shape: Vec<usize> = order.iter().map(|a| value.shape[*a]).collect();
-    // A dimension of 1 has stride 0 in `broadcast_strides`, which reads the same element.
+    // A dimension of 1 has stride 0 in `broadcast::strides`, which reads the same element.
     let read: Vec<usize> = order.iter().map(|a| strides[*a]).collect();
     let mut out = Vec::with_capacity(value.data.len());
     walk(&shape, [&read], |[i]| out.push(value.data[i]));
@@ -1103,8 +1058,8 @@ fn reduce<'a>(value: &Val<'_>, op: ReduceOp, axes: &[usize]) -> Result<Val<'a>, 
         ReduceOp::Min => f32::INFINITY,
     };
     let mut out = vec![start; elements];
-    let read = broadcast_strides(&value.shape, &value.shape);
-    let write = broadcast_strides(&shape, &value.shape);
+    let read = broadcast::strides(&value.shape, &value.shape);
+    let write = broadcast::strides(&shape, &value.shape);
     walk(&value.shape, [&read, &write], |[i, o]| {
         let x = value.data[i];
         out[o] = match op {
@@ -1124,7 +1079,7 @@ fn reduce<'a>(value: &Val<'_>, op: ReduceOp, axes: &[usize]) -> Result<Val<'a>, 
     })
 }
 
-fn concat<'a>(parts: &[Val<'_>], axis: usize) -> Result<Val<'a>, String> {
+fn concat<'a>(parts: &[Val<'_>], axis: usize) -> Result<Val<'a>, StepError> {
     let first = parts.first().ok_or("nothing to join")?;
     if axis >= first.shape.len()
         || parts.iter().any(|p| {
@@ -1141,9 +1096,7 @@ fn concat<'a>(parts: &[Val<'_>], axis: usize) -> Result<Val<'a>, String> {
     let outer: usize = first.shape[..axis].iter().product();
     let mut shape = first.shape.clone();
     shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
-    let elements = checked_elements(&shape)
-        .filter(|n| *n <= MAX_ELEMENTS)
-        .ok_or("too many elements")?;
+    let elements = sized(&shape)?;
     let mut out = Vec::with_capacity(elements);
     for o in 0..outer {
         for p in parts {
@@ -1290,6 +1243,20 @@ mod tests {
         // A constant with rows of its own would line up with a block's rows only by chance.
         assert!(!cut(graph(constant(vec![3, 4]), &[Op::Binary(BinaryOp::Mul)])));
         assert!(cut(graph(constant(vec![4]), &[Op::Binary(BinaryOp::Mul)])));
+    }
+
+    #[test]
+    fn a_result_over_the_element_limit_is_refused_not_handed_on() {
+        // [1, 2^14] + [2^15, 1] broadcasts to 2^29 elements, twice the limit.
+        let program =
+            FloatProgram::new(&graph(constant(vec![1 << 15, 1]), &[Op::Binary(BinaryOp::Add)])).expect("program");
+        let input = Tensor::new(vec![1, 1 << 14], TensorData::F32(vec![0.5; 1 << 14])).expect("input");
+        match program.run(&[&input], 1) {
+            Err(RunError::TooLarge { node, elements, limit }) => {
+                assert_eq!((node.as_str(), elements, limit), ("step0", 1 << 29, MAX_ELEMENTS));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]
