@@ -562,19 +562,115 @@ impl ConvKernel for AvxConvBlock {
     }
 }
 
-/// Max or average pooling of one plane (`[height, width]`, 1-D as height 1) into `out`:
-/// `average` is `None` for the maximum, else whether padding counts in the divisor.
-pub(super) fn pool_plane(
+/// Max or average pooling of the planes laid end to end in `input` into `out`, compiled with
+/// AVX2 where the CPU has it: `average` is `None` for the maximum, else whether padding counts
+/// in the divisor.
+pub(super) fn pool_planes(
     layout: &ConvLayout,
     input: &[f32],
     average: Option<bool>,
     line: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = V3::try_new() {
+        return v3.vectorize(AvxPool {
+            layout,
+            input,
+            average,
+            line,
+            out,
+        });
+    }
+    pool_planes_loop(layout, input, average, line, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+struct AvxPool<'a> {
+    layout: &'a ConvLayout,
+    input: &'a [f32],
+    average: Option<bool>,
+    line: &'a mut Vec<f32>,
+    out: &'a mut [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for AvxPool<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        pool_planes_loop(self.layout, self.input, self.average, self.line, self.out);
+    }
+}
+
+#[inline(always)]
+fn pool_planes_loop(layout: &ConvLayout, input: &[f32], average: Option<bool>, line: &mut Vec<f32>, out: &mut [f32]) {
+    let [height, width] = layout.input;
+    let [out_height, out_width] = layout.output().unwrap_or([0, 0]);
+    let (plane_in, plane_out) = (height * width, out_height * out_width);
+    if plane_in == 0 || plane_out == 0 {
+        return;
+    }
+    let tiled = layout.pads_before == [0, 0]
+        && layout.pads_after == [0, 0]
+        && layout.strides == layout.kernel
+        && layout.dilations == [1, 1]
+        && height % layout.kernel[0] == 0
+        && width % layout.kernel[1] == 0;
+    if tiled {
+        return pool_tiled(layout, input, average, line, out);
+    }
+    for (source, dest) in input.chunks_exact(plane_in).zip(out.chunks_exact_mut(plane_out)) {
+        pool_plane(layout, source, average, line, dest);
+    }
+}
+
+/// The maximum of two values, a NaN in either passed on (as ONNX's `MaxPool` does).
+#[inline(always)]
+fn max_or_nan(a: f32, b: f32) -> f32 {
+    if a > b || a.is_nan() { a } else { b }
+}
+
+/// Pooling whose windows tile the planes (no padding or dilation, strides equal to the kernel,
+/// each side a whole number of windows), over all planes at once: each output row's input rows
+/// are reduced into `line`, then each window's columns, in long loops over every plane that the
+/// compiler vectorizes, where one plane of a small image would give loops of a few values.
+#[inline(always)]
+fn pool_tiled(layout: &ConvLayout, input: &[f32], average: Option<bool>, line: &mut Vec<f32>, out: &mut [f32]) {
+    let [window_height, window_width] = layout.kernel;
+    let width = layout.input[1];
+    let out_rows = input.len() / (window_height * width);
+    line.resize(out_rows * width, 0.0);
+    for (r, dest) in line.chunks_exact_mut(width).enumerate() {
+        let rows = &input[r * window_height * width..][..window_height * width];
+        dest.copy_from_slice(&rows[..width]);
+        for source in rows.chunks_exact(width).skip(1) {
+            if average.is_some() {
+                dest.iter_mut().zip(source).for_each(|(d, v)| *d += v);
+            } else {
+                dest.iter_mut().zip(source).for_each(|(d, v)| *d = max_or_nan(*v, *d));
+            }
+        }
+    }
+    let full = (window_height * window_width) as f32;
+    let windows = out.iter_mut().zip(line.chunks_exact(window_width));
+    match (average, window_width) {
+        (Some(_), 2) => windows.for_each(|(o, w)| *o = (w[0] + w[1]) / full),
+        (None, 2) => windows.for_each(|(o, w)| *o = max_or_nan(w[1], w[0])),
+        (Some(_), _) => windows.for_each(|(o, w)| *o = w.iter().sum::<f32>() / full),
+        (None, _) => windows.for_each(|(o, w)| *o = w.iter().fold(f32::NEG_INFINITY, |m, v| max_or_nan(*v, m))),
+    }
+}
+
+/// Max or average pooling of one plane (`[height, width]`, 1-D as height 1) into `out`:
+/// `average` is `None` for the maximum, else whether padding counts in the divisor.
+#[inline(always)]
+fn pool_plane(layout: &ConvLayout, input: &[f32], average: Option<bool>, line: &mut Vec<f32>, out: &mut [f32]) {
     let [height, width] = layout.input;
     let [out_height, out_width] = layout.output().unwrap_or([0, 0]);
     let full = (layout.kernel[0] * layout.kernel[1]) as f32;
-    let max = |a: f32, b: f32| if a > b || a.is_nan() { a } else { b };
+    let max = max_or_nan;
     if layout.pads_before == [0, 0] && layout.pads_after == [0, 0] {
         // Every window lies inside the plane: each output row reduces its input rows into one
         // line (contiguous, so it vectorizes), then each window's columns of that line.
@@ -730,6 +826,61 @@ mod tests {
             x -= 0.0137;
         }
         assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    /// Pooling by the definition: each window's values, straight from the input.
+    fn reference_pool(input: &[f32], [height, width]: [usize; 2], kernel: [usize; 2], average: bool) -> Vec<f32> {
+        let (out_height, out_width) = (height / kernel[0], width / kernel[1]);
+        let mut out = Vec::new();
+        for plane in input.chunks_exact(height * width) {
+            for oy in 0..out_height {
+                for ox in 0..out_width {
+                    let window = (0..kernel[0])
+                        .flat_map(|ky| {
+                            (0..kernel[1]).map(move |kx| (oy * kernel[0] + ky) * width + ox * kernel[1] + kx)
+                        })
+                        .map(|i| plane[i]);
+                    out.push(if average {
+                        window.sum::<f32>() / (kernel[0] * kernel[1]) as f32
+                    } else if window.clone().any(f32::is_nan) {
+                        f32::NAN
+                    } else {
+                        window.fold(f32::NEG_INFINITY, f32::max)
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pooling_windows_that_tile_the_planes_match_the_definition() {
+        for (input_size, kernel) in [([4, 6], [2, 2]), ([6, 6], [3, 2]), ([4, 9], [2, 3]), ([2, 8], [1, 4])] {
+            let window = Window {
+                kernel: kernel.to_vec(),
+                strides: kernel.to_vec(),
+                dilations: vec![1, 1],
+                pads_before: vec![0, 0],
+                pads_after: vec![0, 0],
+            };
+            let layout = ConvLayout::new(&window, 1, 1, &input_size).expect("layout");
+            let planes = 3;
+            let count = planes * input_size[0] * input_size[1];
+            let mut input: Vec<f32> = (0..count).map(|i| ((i * 37) % 23) as f32 - 11.0).collect();
+            // A NaN in one window of the second plane must come out of that window's maximum.
+            input[input_size[0] * input_size[1] + 1] = f32::NAN;
+            for average in [None, Some(true)] {
+                let expected = reference_pool(&input, input_size, kernel, average.is_some());
+                let mut out = vec![0.0f32; expected.len()];
+                pool_planes(&layout, &input, average, &mut Vec::new(), &mut out);
+                for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (got.is_nan() && want.is_nan()) || (got - want).abs() < 1e-5,
+                        "{input_size:?} by {kernel:?}, {average:?}, output {i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     fn reference_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {

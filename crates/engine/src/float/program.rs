@@ -881,19 +881,8 @@ fn pool<'a>(
         return Err(format!("pooling gives {:?}, the graph says {expected:?}", &shape[2..]).into());
     }
     let elements = sized(&shape)?;
-    let plane_in: usize = input.shape[2..].iter().product();
-    let plane_out = out_spatial[0] * out_spatial[1];
     let mut out = vec![0.0f32; elements];
-    let mut line = Vec::new();
-    if plane_out > 0 {
-        for (source, dest) in input
-            .data
-            .chunks_exact(plane_in.max(1))
-            .zip(out.chunks_exact_mut(plane_out))
-        {
-            kernels::pool_plane(&layout, source, average, &mut line, dest);
-        }
-    }
+    kernels::pool_planes(&layout, &input.data, average, &mut Vec::new(), &mut out);
     Ok(Val {
         shape,
         data: Cow::Owned(out),
