@@ -379,7 +379,7 @@ pub(super) fn conv_image(
             for y in 0..height {
                 let from = &input[(c * height + y) * width..][..width];
                 let to = c * plane + (y + layout.pads_before[0]) * padded_width + layout.pads_before[1];
-                scratch.padded[to..to + width].copy_from_slice(from);
+                copy_row(&mut scratch.padded[to..to + width], from);
             }
         }
     }
@@ -395,7 +395,11 @@ pub(super) fn conv_image(
         };
         let group_weights = &weights[g * layout.outputs * per_output..][..layout.outputs * per_output];
         let sums = &mut scratch.sums[g * layout.outputs * run..][..layout.outputs * run];
-        conv_sums(&taps_of, group_weights, per_output, run, sums);
+        let group_epilogue = GroupEpilogue {
+            ops: epilogue,
+            first_channel: g * layout.outputs,
+        };
+        conv_sums(&taps_of, group_weights, per_output, run, sums, &group_epilogue);
     }
     let [out_height, out_width] = layout.output().unwrap_or([0, 0]);
     for o in 0..outputs {
@@ -404,16 +408,30 @@ pub(super) fn conv_image(
         for (y, dest_row) in dest.chunks_exact_mut(out_width.max(1)).enumerate() {
             let source_row = &sums[y * layout.strides[0] * padded_width..];
             if layout.strides[1] == 1 {
-                dest_row.copy_from_slice(&source_row[..out_width]);
+                copy_row(dest_row, &source_row[..out_width]);
             } else {
                 for (x, d) in dest_row.iter_mut().enumerate() {
                     *d = source_row[x * layout.strides[1]];
                 }
             }
         }
-        for e in epilogue {
-            apply_run(e.op, dest, &[e.value(o)]);
+    }
+}
+
+/// `dest = source` for the short rows of small images, four values at a time through a
+/// fixed-size array: `copy_from_slice` calls `memcpy`, whose call costs more than copying a row
+/// of four or eight values.
+#[inline(always)]
+fn copy_row(dest: &mut [f32], source: &[f32]) {
+    let mut dest_chunks = dest.chunks_exact_mut(4);
+    let mut source_chunks = source.chunks_exact(4);
+    for (d, s) in (&mut dest_chunks).zip(&mut source_chunks) {
+        if let (Ok(d), Ok(s)) = (<&mut [f32; 4]>::try_from(d), <&[f32; 4]>::try_from(s)) {
+            *d = *s;
         }
+    }
+    for (d, s) in dest_chunks.into_remainder().iter_mut().zip(source_chunks.remainder()) {
+        *d = *s;
     }
 }
 
@@ -427,7 +445,14 @@ struct ConvTaps<'a> {
 
 /// `sums[o * run + j] = sum over channels and taps of weight * source`, for every output
 /// channel `o` (weights `per_output` each) and position `j < run` (a multiple of [`CONV_RUN`]).
-fn conv_sums(taps: &ConvTaps<'_>, weights: &[f32], per_output: usize, run: usize, sums: &mut [f32]) {
+fn conv_sums(
+    taps: &ConvTaps<'_>,
+    weights: &[f32],
+    per_output: usize,
+    run: usize,
+    sums: &mut [f32],
+    epilogue: &GroupEpilogue<'_>,
+) {
     #[cfg(target_arch = "x86_64")]
     if let Some(v3) = V3::try_new() {
         return v3.vectorize(AvxConv {
@@ -437,9 +462,31 @@ fn conv_sums(taps: &ConvTaps<'_>, weights: &[f32], per_output: usize, run: usize
             per_output,
             run,
             sums,
+            epilogue,
         });
     }
-    conv_loop(taps, weights, per_output, run, sums, PortableConv);
+    conv_loop(taps, weights, per_output, run, sums, epilogue, PortableConv);
+}
+
+/// The epilogue of one group's output channels, the first of which is `first_channel` of the
+/// convolution's.
+struct GroupEpilogue<'a> {
+    ops: &'a [ChannelOp],
+    first_channel: usize,
+}
+
+impl GroupEpilogue<'_> {
+    /// The epilogue applied to the sums of the group's output channel `o`, while they are still
+    /// in registers: cheaper than a pass over the output planes afterwards.
+    #[inline(always)]
+    fn apply(&self, o: usize, sums: &mut [f32; CONV_RUN]) {
+        for e in self.ops {
+            let value = e.value(self.first_channel + o);
+            for x in sums.iter_mut() {
+                *x = binary(e.op, *x, value);
+            }
+        }
+    }
 }
 
 /// A kernel for `O` output channels over [`CONV_RUN`] positions.
@@ -454,6 +501,7 @@ fn conv_loop(
     per_output: usize,
     run: usize,
     sums: &mut [f32],
+    epilogue: &GroupEpilogue<'_>,
     kernel: impl ConvKernel,
 ) {
     let outputs = sums.len() / run.max(1);
@@ -468,11 +516,13 @@ fn conv_loop(
                     [weights_of(o), weights_of(o + 1), weights_of(o + 2), weights_of(o + 3)],
                     first,
                 );
-                for (i, b) in block.iter().enumerate() {
-                    sums[(o + i) * run + first..][..CONV_RUN].copy_from_slice(b);
+                for (i, mut b) in block.into_iter().enumerate() {
+                    epilogue.apply(o + i, &mut b);
+                    sums[(o + i) * run + first..][..CONV_RUN].copy_from_slice(&b);
                 }
             } else {
-                let [block] = kernel.block(taps, [weights_of(o)], first);
+                let [mut block] = kernel.block(taps, [weights_of(o)], first);
+                epilogue.apply(o, &mut block);
                 sums[o * run + first..][..CONV_RUN].copy_from_slice(&block);
             }
         }
@@ -513,6 +563,7 @@ struct AvxConv<'a, 'b> {
     per_output: usize,
     run: usize,
     sums: &'a mut [f32],
+    epilogue: &'a GroupEpilogue<'b>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -527,6 +578,7 @@ impl pulp::NullaryFnOnce for AvxConv<'_, '_> {
             self.per_output,
             self.run,
             self.sums,
+            self.epilogue,
             AvxConvBlock(self.v3),
         );
     }
