@@ -359,6 +359,34 @@ pub(super) fn conv_image(
     let offsets = &layout.offsets;
     let longest = offsets.iter().max().copied().unwrap_or(0);
     let channels = groups * layout.channels;
+    let outputs = groups * layout.outputs;
+    let per_output = layout.channels * taps;
+    let group_sums = |g: usize, source: &[f32], sums: &mut [f32]| {
+        let taps_of = ConvTaps {
+            source,
+            plane,
+            offsets,
+            channels: layout.channels,
+        };
+        let group_weights = &weights[g * layout.outputs * per_output..][..layout.outputs * per_output];
+        let group_epilogue = GroupEpilogue {
+            ops: epilogue,
+            first_channel: g * layout.outputs,
+        };
+        conv_sums(&taps_of, group_weights, per_output, run, sums, &group_epilogue);
+    };
+    if taps == 1 && layout.strides == [1, 1] && plane == layout.input[0] * layout.input[1] && plane == run {
+        // A pointwise convolution over planes of whole runs: the kernel reads the input and
+        // writes the output where they are, with nothing to pad or to cut off.
+        for g in 0..groups {
+            group_sums(
+                g,
+                &input[g * layout.channels * plane..],
+                &mut out[g * layout.outputs * plane..][..layout.outputs * plane],
+            );
+        }
+        return;
+    }
     let padded_len = (channels - 1) * plane + longest + run;
     // The padding stays zero from one image to the next: only the planes' insides are written.
     let shape = (padded_len, layout.input, layout.pads_before, padded_width);
@@ -383,23 +411,13 @@ pub(super) fn conv_image(
             }
         }
     }
-    let outputs = groups * layout.outputs;
     scratch.sums.resize(outputs * run, 0.0);
-    let per_output = layout.channels * taps;
     for g in 0..groups {
-        let taps_of = ConvTaps {
-            source: &scratch.padded[g * layout.channels * plane..],
-            plane,
-            offsets,
-            channels: layout.channels,
-        };
-        let group_weights = &weights[g * layout.outputs * per_output..][..layout.outputs * per_output];
-        let sums = &mut scratch.sums[g * layout.outputs * run..][..layout.outputs * run];
-        let group_epilogue = GroupEpilogue {
-            ops: epilogue,
-            first_channel: g * layout.outputs,
-        };
-        conv_sums(&taps_of, group_weights, per_output, run, sums, &group_epilogue);
+        group_sums(
+            g,
+            &scratch.padded[g * layout.channels * plane..],
+            &mut scratch.sums[g * layout.outputs * run..][..layout.outputs * run],
+        );
     }
     let [out_height, out_width] = layout.output().unwrap_or([0, 0]);
     for o in 0..outputs {
