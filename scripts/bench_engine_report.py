@@ -5,7 +5,8 @@ engine's inferences per second as a ratio to onnxruntime's.
 
 Used by scripts/bench-engine; arguments: RUST_RESULTS.jsonl VOUCH_BINARY CASE..., where a CASE is
 MODEL,CALIBRATION,INPUT[,LABELS]: classifiers (with LABELS) are compared by top-1 agreement,
-sentence encoders (inputs with an `attention_mask`) by the cosine of mean-pooled embeddings.
+sentence encoders (inputs with an `attention_mask`) by the cosine of mean-pooled embeddings, and
+other models by the cosine of each output row.
 """
 import json
 import pathlib
@@ -102,10 +103,15 @@ def main():
             agree = (exact.argmax(1) == reference.argmax(1)).mean()
             print(f"| {name} | {count} | top-1 agreement | {agree:.2%} | {(exact.argmax(1) == truth).mean():.2%} "
                   f"| {(reference.argmax(1) == truth).mean():.2%} |")
-        else:
+        elif "attention_mask" in inputs:
             mask = inputs["attention_mask"]
             cosine = (pooled(exact, mask) * pooled(reference, mask)).sum(1)
             print(f"| {name} | {count} | cosine of mean-pooled embeddings, min (mean) "
+                  f"| {cosine.min():.5f} ({cosine.mean():.5f}) | n/a | n/a |")
+        else:
+            unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+            cosine = (unit(exact.astype(np.float64)) * unit(reference.astype(np.float64))).sum(-1).reshape(-1)
+            print(f"| {name} | {count} | cosine of output rows, min (mean) "
                   f"| {cosine.min():.5f} ({cosine.mean():.5f}) | n/a | n/a |")
 
 
