@@ -7,15 +7,21 @@
 use std::ops::Range;
 
 #[cfg(target_arch = "x86_64")]
-use pulp::x86::V3;
+use pulp::x86::{V3, V4};
 
 use crate::ir::{BinaryOp, Window};
 
 /// Columns of a packed matrix handled together: two vectors of eight.
 pub(super) const PANEL: usize = 16;
 
-/// Rows of the left operand handled together by the product kernel.
+/// Rows of the left operand handled together by the AVX2 and portable product kernels (two
+/// vectors of eight per row: 8 accumulators).
 const ROWS: usize = 4;
+
+/// Rows handled together by the AVX-512 product kernel (one vector of sixteen per row): 8
+/// accumulators, enough independent multiply-adds to cover their latency on two units.
+#[cfg(target_arch = "x86_64")]
+const ROWS_AVX512: usize = 8;
 
 /// An element-wise operation with a constant per output channel (or one for all channels),
 /// applied as a product's results are written: a bias, a batch-norm scale, a ReLU, a clip.
@@ -122,6 +128,17 @@ impl PackedMatrix {
 /// holds those rows, `n` values each), then `epilogue` per column.
 pub(super) fn matmul(a: &[f32], rows: Range<usize>, b: &PackedMatrix, out: &mut [f32], epilogue: &[ChannelOp]) {
     #[cfg(target_arch = "x86_64")]
+    if let Some(v4) = V4::try_new() {
+        return v4.vectorize(Avx512Matmul {
+            v4,
+            a,
+            rows,
+            b,
+            out,
+            epilogue,
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
     if let Some(v3) = V3::try_new() {
         return v3.vectorize(AvxMatmul {
             v3,
@@ -132,7 +149,7 @@ pub(super) fn matmul(a: &[f32], rows: Range<usize>, b: &PackedMatrix, out: &mut 
             epilogue,
         });
     }
-    matmul_loop(a, rows, b, out, epilogue, PortableBlock);
+    matmul_loop::<ROWS>(a, rows, b, out, epilogue, PortableBlock);
 }
 
 /// A kernel for a block of `R` rows against one panel: the panel's [`PANEL`] sums per row.
@@ -140,8 +157,9 @@ trait BlockKernel: Copy {
     fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R];
 }
 
+/// The product in blocks of `R` rows (then row by row for the rest) against each panel.
 #[inline(always)]
-fn matmul_loop(
+fn matmul_loop<const R: usize>(
     a: &[f32],
     rows: Range<usize>,
     b: &PackedMatrix,
@@ -163,8 +181,8 @@ fn matmul_loop(
         let left = rows.end - r;
         for p in 0..n.div_ceil(PANEL) {
             let panel = &b.panels[p * k..][..k];
-            if left >= ROWS {
-                let sums = kernel.block([row_of(r), row_of(r + 1), row_of(r + 2), row_of(r + 3)], panel);
+            if left >= R {
+                let sums = kernel.block::<R>(std::array::from_fn(|i| row_of(r + i)), panel);
                 for (i, s) in sums.iter().enumerate() {
                     write(r + i, p, s);
                 }
@@ -173,7 +191,7 @@ fn matmul_loop(
                 write(r, p, &sums);
             }
         }
-        r += if left >= ROWS { ROWS } else { 1 };
+        r += if left >= R { R } else { 1 };
     }
     if !epilogue.is_empty() {
         for row in out[..rows.len() * n].chunks_exact_mut(n.max(1)) {
@@ -221,7 +239,7 @@ impl pulp::NullaryFnOnce for AvxMatmul<'_> {
 
     #[inline(always)]
     fn call(self) {
-        matmul_loop(self.a, self.rows, self.b, self.out, self.epilogue, AvxBlock(self.v3));
+        matmul_loop::<ROWS>(self.a, self.rows, self.b, self.out, self.epilogue, AvxBlock(self.v3));
     }
 }
 
@@ -244,6 +262,51 @@ impl BlockKernel for AvxBlock {
                 let x = v3.splat_f32x8(row[kk]);
                 acc[0] = v3.mul_add_f32x8(x, low, acc[0]);
                 acc[1] = v3.mul_add_f32x8(x, high, acc[1]);
+            }
+        }
+        acc.map(cast)
+    }
+}
+
+/// The product compiled with AVX-512 enabled.
+#[cfg(target_arch = "x86_64")]
+struct Avx512Matmul<'a> {
+    v4: V4,
+    a: &'a [f32],
+    rows: Range<usize>,
+    b: &'a PackedMatrix,
+    out: &'a mut [f32],
+    epilogue: &'a [ChannelOp],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for Avx512Matmul<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        matmul_loop::<ROWS_AVX512>(self.a, self.rows, self.b, self.out, self.epilogue, Avx512Block(self.v4));
+    }
+}
+
+/// Blocks with fused multiply-adds on one 512-bit vector (a whole panel row) per row.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx512Block(V4);
+
+#[cfg(target_arch = "x86_64")]
+impl BlockKernel for Avx512Block {
+    #[inline(always)]
+    fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R] {
+        use pulp::{cast, f32x16};
+        let v4 = self.0;
+        // Rows cut to the panel's length, so that reading them needs no bounds check.
+        let rows = rows.map(|row| &row[..panel.len()]);
+        let mut acc = [v4.splat_f32x16(0.0); R];
+        for (kk, w) in panel.iter().enumerate() {
+            let w: f32x16 = cast(*w);
+            for (acc, row) in acc.iter_mut().zip(&rows) {
+                *acc = v4.mul_add_f32x16(v4.splat_f32x16(row[kk]), w, *acc);
             }
         }
         acc.map(cast)
@@ -967,17 +1030,38 @@ mod tests {
 
     proptest! {
         #[test]
-        fn products_match_the_reference(m in 1usize..11, k in 1usize..40, n in 1usize..40, seed in 0u64..1000) {
+        fn products_match_the_reference(m in 1usize..20, k in 1usize..40, n in 1usize..40, seed in 0u64..1000) {
             let mut value = crate::exec::test_values(seed);
             let a: Vec<f32> = (0..m * k).map(|_| value(100) as f32 / 7.0).collect();
             let b: Vec<f32> = (0..k * n).map(|_| value(100) as f32 / 5.0).collect();
             let expected = reference_matmul(&a, &b, m, k, n);
             let transposed: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             for packed in [PackedMatrix::pack(&b, k, n, false), PackedMatrix::pack(&transposed, k, n, true)] {
-                let mut out = vec![0.0f32; m * n];
-                matmul(&a, 0..m, &packed, &mut out, &[]);
-                for (x, e) in out.iter().zip(&expected) {
-                    prop_assert!((x - e).abs() <= 1e-3 * e.abs().max(1.0), "{x} vs {e}");
+                // Every kernel this machine can run, not only the one `matmul` picks.
+                let mut outs = vec![vec![0.0f32; m * n]; 4];
+                matmul(&a, 0..m, &packed, &mut outs[0], &[]);
+                matmul_loop::<ROWS>(&a, 0..m, &packed, &mut outs[1], &[], PortableBlock);
+                #[cfg(target_arch = "x86_64")]
+                if let Some(v3) = V3::try_new() {
+                    v3.vectorize(AvxMatmul { v3, a: &a, rows: 0..m, b: &packed, out: &mut outs[2], epilogue: &[] });
+                } else {
+                    outs[2] = expected.clone();
+                }
+                #[cfg(target_arch = "x86_64")]
+                if let Some(v4) = V4::try_new() {
+                    v4.vectorize(Avx512Matmul { v4, a: &a, rows: 0..m, b: &packed, out: &mut outs[3], epilogue: &[] });
+                } else {
+                    outs[3] = expected.clone();
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    outs[2] = expected.clone();
+                    outs[3] = expected.clone();
+                }
+                for out in &outs {
+                    for (x, e) in out.iter().zip(&expected) {
+                        prop_assert!((x - e).abs() <= 1e-3 * e.abs().max(1.0), "{x} vs {e}");
+                    }
                 }
             }
         }
