@@ -558,7 +558,8 @@ struct GroupEpilogue<'a> {
 
 impl GroupEpilogue<'_> {
     /// The epilogue applied to the sums of the group's output channel `o`, while they are still
-    /// in registers: cheaper than a pass over the output planes afterwards.
+    /// in registers: cheaper than a pass over the output planes afterwards, even though it also
+    /// touches the positions of the padding columns that the copy out then drops.
     #[inline(always)]
     fn apply(&self, o: usize, sums: &mut [f32; CONV_RUN]) {
         for e in self.ops {
