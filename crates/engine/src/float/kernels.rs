@@ -129,8 +129,8 @@ impl PackedMatrix {
 pub(super) fn matmul(a: &[f32], rows: Range<usize>, b: &PackedMatrix, out: &mut [f32], epilogue: &[ChannelOp]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(v4) = V4::try_new() {
-        return v4.vectorize(Avx512Matmul {
-            v4,
+        return v4.vectorize(VectorMatmul::<_, ROWS_AVX512> {
+            kernel: Avx512Block(v4),
             a,
             rows,
             b,
@@ -140,8 +140,8 @@ pub(super) fn matmul(a: &[f32], rows: Range<usize>, b: &PackedMatrix, out: &mut 
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(v3) = V3::try_new() {
-        return v3.vectorize(AvxMatmul {
-            v3,
+        return v3.vectorize(VectorMatmul::<_, ROWS> {
+            kernel: AvxBlock(v3),
             a,
             rows,
             b,
@@ -222,10 +222,11 @@ impl BlockKernel for PortableBlock {
     }
 }
 
-/// The product compiled with AVX2 and FMA enabled.
+/// The product through `kernel` in blocks of `R` rows, inside a `pulp` instruction-set context
+/// (`vectorize`), so that the loop around the kernel is compiled for the same instructions.
 #[cfg(target_arch = "x86_64")]
-struct AvxMatmul<'a> {
-    v3: V3,
+struct VectorMatmul<'a, K, const R: usize> {
+    kernel: K,
     a: &'a [f32],
     rows: Range<usize>,
     b: &'a PackedMatrix,
@@ -234,12 +235,12 @@ struct AvxMatmul<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl pulp::NullaryFnOnce for AvxMatmul<'_> {
+impl<K: BlockKernel, const R: usize> pulp::NullaryFnOnce for VectorMatmul<'_, K, R> {
     type Output = ();
 
     #[inline(always)]
     fn call(self) {
-        matmul_loop::<ROWS>(self.a, self.rows, self.b, self.out, self.epilogue, AvxBlock(self.v3));
+        matmul_loop::<R>(self.a, self.rows, self.b, self.out, self.epilogue, self.kernel);
     }
 }
 
@@ -265,27 +266,6 @@ impl BlockKernel for AvxBlock {
             }
         }
         acc.map(cast)
-    }
-}
-
-/// The product compiled with AVX-512 enabled.
-#[cfg(target_arch = "x86_64")]
-struct Avx512Matmul<'a> {
-    v4: V4,
-    a: &'a [f32],
-    rows: Range<usize>,
-    b: &'a PackedMatrix,
-    out: &'a mut [f32],
-    epilogue: &'a [ChannelOp],
-}
-
-#[cfg(target_arch = "x86_64")]
-impl pulp::NullaryFnOnce for Avx512Matmul<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn call(self) {
-        matmul_loop::<ROWS_AVX512>(self.a, self.rows, self.b, self.out, self.epilogue, Avx512Block(self.v4));
     }
 }
 
@@ -1044,13 +1024,13 @@ mod tests {
                 matmul_loop::<ROWS>(&a, 0..m, &packed, &mut outs[1], &[], PortableBlock);
                 #[cfg(target_arch = "x86_64")]
                 if let Some(v3) = V3::try_new() {
-                    v3.vectorize(AvxMatmul { v3, a: &a, rows: 0..m, b: &packed, out: &mut outs[2], epilogue: &[] });
+                    v3.vectorize(VectorMatmul::<_, ROWS> { kernel: AvxBlock(v3), a: &a, rows: 0..m, b: &packed, out: &mut outs[2], epilogue: &[] });
                 } else {
                     outs[2] = expected.clone();
                 }
                 #[cfg(target_arch = "x86_64")]
                 if let Some(v4) = V4::try_new() {
-                    v4.vectorize(Avx512Matmul { v4, a: &a, rows: 0..m, b: &packed, out: &mut outs[3], epilogue: &[] });
+                    v4.vectorize(VectorMatmul::<_, ROWS_AVX512> { kernel: Avx512Block(v4), a: &a, rows: 0..m, b: &packed, out: &mut outs[3], epilogue: &[] });
                 } else {
                     outs[3] = expected.clone();
                 }
