@@ -330,16 +330,7 @@ fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, Exec
 }
 
 fn element_count(shape: &[usize], options: &ExecOptions) -> Result<usize, String> {
-    shape
-        .iter()
-        .try_fold(1usize, |n, d| n.checked_mul(*d))
-        .filter(|n| *n <= options.max_elements)
-        .ok_or_else(|| {
-            format!(
-                "shape {shape:?} has more than the limit of {} elements",
-                options.max_elements
-            )
-        })
+    Ok(crate::moves::element_count(shape, options.max_elements)?)
 }
 
 fn run_instr(instr: &Instr, operands: &[&ITensor], options: &ExecOptions) -> Result<ITensor, String> {

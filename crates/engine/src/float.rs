@@ -16,6 +16,7 @@ use crate::plan::PlanDim;
 use crate::pools::{MAX_THREADS, PerThreadCount};
 use tract_onnx::tract_core::internal::DimLike;
 
+mod einsum;
 mod kernels;
 mod program;
 

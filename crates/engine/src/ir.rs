@@ -129,6 +129,20 @@ pub enum CompareOp {
     Ge,
 }
 
+impl CompareOp {
+    /// Whether `x op y` holds.
+    pub fn holds<T: PartialOrd>(self, x: T, y: T) -> bool {
+        match self {
+            Self::Eq => x == y,
+            Self::Ne => x != y,
+            Self::Lt => x < y,
+            Self::Le => x <= y,
+            Self::Gt => x > y,
+            Self::Ge => x >= y,
+        }
+    }
+}
+
 /// Logic on booleans (held as 1 and 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -136,6 +150,18 @@ pub enum LogicOp {
     And,
     Or,
     Xor,
+}
+
+impl LogicOp {
+    /// `x op y` on booleans held as integers (any non-zero one is true), as 1 or 0.
+    pub fn apply<T: Default + PartialEq + From<bool>>(self, x: T, y: T) -> T {
+        let (x, y) = (x != T::default(), y != T::default());
+        T::from(match self {
+            Self::And => x && y,
+            Self::Or => x || y,
+            Self::Xor => x ^ y,
+        })
+    }
 }
 
 /// What an IR node computes.

@@ -11,6 +11,7 @@ pub mod fixed;
 mod float;
 mod import;
 pub mod ir;
+mod moves;
 pub mod plan;
 mod pools;
 mod quantize;

