@@ -1248,7 +1248,10 @@ impl FloatProgram {
             Kernel::Binary(op) => Any::F32(binary(*op, take_first(frame)?.float()?, &float(frame, 1)?)?),
             Kernel::Unary(op) => {
                 let mut value = take_first(frame)?.float()?;
-                unary(*op, value.data.to_mut());
+                match op {
+                    UnaryOp::Erf | UnaryOp::Gelu => kernels::erf_values(value.data.to_mut(), *op == UnaryOp::Gelu),
+                    _ => unary(*op, value.data.to_mut()),
+                }
                 Any::F32(value)
             }
             Kernel::Softmax(axis) => {
