@@ -1065,7 +1065,7 @@ impl FloatProgram {
                 };
                 let Some(part) = part else {
                     // A value that should hold the batch's rows does not: run undivided.
-                    return self.run_undivided(&whole, symbols);
+                    return self.run_after_prologue(plan, &whole, symbols);
                 };
                 seeds.push((*id, part));
             }
@@ -1108,10 +1108,12 @@ impl FloatProgram {
     }
 
     /// The whole program on the values the prologue left: every step not yet run.
-    fn run_undivided<'a>(&'a self, whole: &Frame<'a, '_>, symbols: &Symbols) -> Result<Vec<Any<'a>>, RunError> {
-        let Some(plan) = &self.blocks else {
-            return Err(self.unhandled(self.outputs[0], "no block plan".into()));
-        };
+    fn run_after_prologue<'a>(
+        &'a self,
+        plan: &BlockPlan,
+        whole: &Frame<'a, '_>,
+        symbols: &Symbols,
+    ) -> Result<Vec<Any<'a>>, RunError> {
         let seeds: Vec<(ValueId, Any<'a>)> = whole
             .values
             .iter()
@@ -2174,6 +2176,36 @@ mod tests {
         // The mask is built before the blocks; everything else runs in them.
         let plan = program.blocks.as_ref().expect("MiniLM runs in blocks of sentences");
         assert!(plan.prologue.iter().filter(|p| **p).count() < 20);
+    }
+
+    #[test]
+    fn casts_truncate_saturate_and_wrap_as_tract_does() {
+        let floats = Any::F32(Val {
+            shape: vec![5],
+            data: Cow::Owned(vec![-1.7, 2.9, 0.0, 4_294_967_296.0, f32::NAN]),
+        });
+        let ints = |value: Any<'_>| value.int().expect("integers").data.to_vec();
+        assert_eq!(
+            ints(cast(floats.clone(), DType::Int64).expect("cast")),
+            [-1, 2, 0, 1 << 32, 0]
+        );
+        assert_eq!(
+            ints(cast(floats.clone(), DType::Int32).expect("cast")),
+            [-1, 2, 0, i64::from(i32::MAX), 0]
+        );
+        assert_eq!(ints(cast(floats, DType::Bool).expect("cast")), [1, 1, 0, 1, 1]);
+        let wide = Any::I64(Val {
+            shape: vec![3],
+            data: Cow::Owned(vec![(1 << 32) + 5, -3, 0]),
+        });
+        assert_eq!(ints(cast(wide.clone(), DType::Int32).expect("cast")), [5, -3, 0]);
+        assert_eq!(ints(cast(wide.clone(), DType::Bool).expect("cast")), [1, 1, 0]);
+        let back = cast(wide, DType::Float32).expect("cast").float().expect("floats");
+        assert_eq!(back.data.to_vec(), [4_294_967_301.0f32, -3.0, 0.0]);
+        assert!(
+            cast(back_to_any(), DType::Int8).is_err(),
+            "an unsupported target is refused"
+        );
     }
 
     #[test]
