@@ -275,7 +275,16 @@ pub(crate) fn permute<T: Copy>(x: View<'_, T>, order: &[usize]) -> Result<Moved<
     // A dimension of 1 has stride 0 in `broadcast::strides`, which reads the same element.
     let read: Vec<usize> = order.iter().map(|a| strides[*a]).collect();
     let mut data = Vec::with_capacity(x.data.len());
-    for_each_index(&shape, [&read], |[i]| data.push(x.data[i]));
+    let width = shape.last().copied().unwrap_or(1);
+    let step = read.last().copied().unwrap_or(0);
+    broadcast::for_each_row(&shape, [&read], |[start]| {
+        if step == 1 {
+            // The last axis stays last: its rows are copied whole.
+            data.extend_from_slice(&x.data[start..start + width]);
+        } else {
+            data.extend((0..width).map(|i| x.data[start + i * step]));
+        }
+    });
     Ok(Moved { shape, data })
 }
 

@@ -235,6 +235,36 @@ pub(crate) fn run_polling<T: Send + Sync, F: FnOnce() -> T + Send>(tasks: Vec<F>
         .collect()
 }
 
+/// Runs `work` on every part, on up to `threads` threads (the caller's among them), each
+/// thread taking the next part no thread has taken yet, so that a thread that starts late or
+/// runs slow takes fewer parts instead of holding the others up. Returns the first error a
+/// part gave, once every thread has stopped.
+pub(crate) fn run_parts<P: Send, E: Send + Sync>(
+    parts: Vec<P>,
+    threads: usize,
+    work: impl Fn(P) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let threads = threads.min(parts.len()).min(MAX_THREADS);
+    if threads < 2 {
+        return parts.into_iter().try_for_each(work);
+    }
+    let queue = Mutex::new(parts.into_iter());
+    let (queue, work) = (&queue, &work);
+    let tasks: Vec<_> = (0..threads)
+        .map(|_| {
+            move || loop {
+                // A task that panicked while holding the lock left the queue whole.
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                match next {
+                    Some(part) => work(part)?,
+                    None => return Ok(()),
+                }
+            }
+        })
+        .collect();
+    run_polling(tasks).into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +291,24 @@ mod tests {
         let pool = PollingPool::new("vouch-test", cores).expect("pool");
         pool.keep_polling();
         assert_eq!(pool.polling.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn every_part_runs_once_and_the_first_error_is_returned() {
+        for threads in [1, 2, 3, 8] {
+            let done: Vec<AtomicUsize> = (0..20).map(|_| AtomicUsize::new(0)).collect();
+            let outcome = run_parts((0..20).collect(), threads, |p: usize| {
+                done[p].fetch_add(1, Ordering::AcqRel);
+                Ok::<(), String>(())
+            });
+            assert_eq!(outcome, Ok(()));
+            assert!(done.iter().all(|d| d.load(Ordering::Acquire) == 1), "on {threads}");
+            let failed = run_parts((0..20).collect(), threads, |p: usize| match p {
+                7 => Err(format!("part {p}")),
+                _ => Ok(()),
+            });
+            assert_eq!(failed, Err("part 7".to_string()), "on {threads}");
+        }
     }
 
     #[test]

@@ -935,11 +935,12 @@ impl pulp::NullaryFnOnce for AvxSoftmax<'_> {
 #[inline(always)]
 fn softmax_loop(values: &mut [f32], width: usize) {
     for row in values.chunks_exact_mut(width.max(1)) {
-        if row.iter().any(|x| x.is_nan()) {
+        // Without short-circuits, so that the loop vectorizes.
+        if row.iter().fold(false, |nan, x| nan | x.is_nan()) {
             row.fill(f32::NAN);
             continue;
         }
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+        let max = lane_fold(row, f32::NEG_INFINITY, f32::max, f32::max);
         if max == f32::INFINITY {
             // Only the infinite entries share the mass, as exp(x - max) would say in the limit.
             let count = row.iter().filter(|x| **x == f32::INFINITY).count() as f32;
@@ -948,9 +949,85 @@ fn softmax_loop(values: &mut [f32], width: usize) {
             continue;
         }
         row.iter_mut().for_each(|x| *x = exp_nonpositive(*x - max));
-        let sum: f32 = row.iter().sum();
-        let scale = 1.0 / sum;
+        let scale = 1.0 / lane_sum(row, |x| x);
         row.iter_mut().for_each(|x| *x *= scale);
+    }
+}
+
+/// `values` folded by `step` into [`LANES`] running results (so that the loop vectorizes, where
+/// one running result would chain every step to the one before), the lanes then merged by
+/// `merge`: for sums, a different order of additions than one after another, as onnxruntime's
+/// and tract's vectorized reductions also have.
+#[inline(always)]
+fn lane_fold(values: &[f32], start: f32, step: impl Fn(f32, f32) -> f32, merge: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [start; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *lane = step(*lane, *x);
+        }
+    }
+    let merged = lanes.into_iter().fold(start, merge);
+    rest.iter().fold(merged, |acc, x| step(acc, *x))
+}
+
+/// The sum of `values` in [`LANES`] running sums.
+#[inline(always)]
+fn lane_sum(values: &[f32], term: impl Fn(f32) -> f32) -> f32 {
+    let add = |a: f32, b: f32| a + b;
+    lane_fold(values, 0.0, |sum, x| sum + term(x), add)
+}
+
+/// Running results [`lane_fold`] keeps: two 256-bit or one 512-bit vector.
+const LANES: usize = 16;
+
+/// Layer normalization of each row of `width` values (`inverse_width` is `1 / width` as the
+/// model wrote it), then the epilogue's per-column operations (the scale and shift).
+pub(super) fn layer_norm(values: &mut [f32], width: usize, inverse_width: f32, eps: f32, epilogue: &[ChannelOp]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = V3::try_new() {
+        return v3.vectorize(AvxLayerNorm {
+            values,
+            width,
+            inverse_width,
+            eps,
+            epilogue,
+        });
+    }
+    layer_norm_loop(values, width, inverse_width, eps, epilogue);
+}
+
+#[cfg(target_arch = "x86_64")]
+struct AvxLayerNorm<'a> {
+    values: &'a mut [f32],
+    width: usize,
+    inverse_width: f32,
+    eps: f32,
+    epilogue: &'a [ChannelOp],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for AvxLayerNorm<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        layer_norm_loop(self.values, self.width, self.inverse_width, self.eps, self.epilogue);
+    }
+}
+
+#[inline(always)]
+fn layer_norm_loop(values: &mut [f32], width: usize, inverse_width: f32, eps: f32, epilogue: &[ChannelOp]) {
+    for row in values.chunks_exact_mut(width.max(1)) {
+        let mean = lane_sum(row, |x| x) * inverse_width;
+        row.iter_mut().for_each(|x| *x -= mean);
+        let mean_square = lane_sum(row, |x| x * x) / width as f32;
+        let scale = 1.0 / (mean_square + eps).sqrt();
+        row.iter_mut().for_each(|x| *x *= scale);
+        for e in epilogue {
+            apply_run(e.op, row, &e.values);
+        }
     }
 }
 
@@ -1076,6 +1153,59 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Rows of `width` values spread over a few orders of magnitude, off zero on average.
+    fn rows(count: usize, width: usize, seed: u64) -> Vec<f32> {
+        let mut value = crate::exec::test_values(seed);
+        (0..count * width)
+            .map(|_| (value(2000) as f32 - 900.0) / 37.0)
+            .collect()
+    }
+
+    #[test]
+    fn layer_norms_and_softmaxes_match_the_definition() {
+        // Widths below, at and off the lane count, and MiniLM's.
+        for width in [1usize, 5, 16, 17, 37, 384] {
+            let input = rows(3, width, width as u64);
+            let scale: Vec<f32> = (0..width).map(|c| 0.5 + c as f32 / 8.0).collect();
+            let epilogue = [
+                ChannelOp {
+                    op: BinaryOp::Mul,
+                    values: scale.clone(),
+                },
+                ChannelOp {
+                    op: BinaryOp::Add,
+                    values: vec![0.25],
+                },
+            ];
+            let eps = 1e-5;
+            let mut normed = input.clone();
+            layer_norm(&mut normed, width, 1.0 / width as f32, eps, &epilogue);
+            let mut soft = input.clone();
+            softmax_rows(&mut soft, width);
+            for (r, row) in input.chunks(width).enumerate() {
+                let x: Vec<f64> = row.iter().map(|v| f64::from(*v)).collect();
+                let mean = x.iter().sum::<f64>() / width as f64;
+                let variance = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / width as f64;
+                let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = x.iter().map(|v| (v - max).exp()).sum();
+                for c in 0..width {
+                    let expected_norm = (x[c] - mean) / (variance + f64::from(eps)).sqrt() * f64::from(scale[c]) + 0.25;
+                    let expected_soft = (x[c] - max).exp() / total;
+                    let got_norm = f64::from(normed[r * width + c]);
+                    let got_soft = f64::from(soft[r * width + c]);
+                    assert!(
+                        (got_norm - expected_norm).abs() <= 1e-4 * expected_norm.abs().max(1.0),
+                        "layer norm, width {width}: {got_norm} vs {expected_norm}"
+                    );
+                    assert!(
+                        (got_soft - expected_soft).abs() <= 1e-5,
+                        "softmax, width {width}: {got_soft} vs {expected_soft}"
+                    );
+                }
+            }
+        }
     }
 
     proptest! {

@@ -16,7 +16,7 @@ use super::kernels::{self, ChannelOp, ConvLayout, ConvScratch, PackedMatrix};
 use crate::broadcast;
 use crate::ir::{BinaryOp, CompareOp, DimFact, Graph, LogicOp, Op, ReduceOp, UnaryOp, ValueId, Window};
 use crate::moves::{self, MoveError, Moved, View};
-use crate::pools::{BLOCK_WORTHY_PRODUCTS, Rows, row_blocks, run_polling};
+use crate::pools::{BLOCK_WORTHY_PRODUCTS, Rows, row_blocks, run_parts, run_polling};
 
 /// Most elements any one value may have.
 const MAX_ELEMENTS: usize = 1 << 28;
@@ -431,6 +431,9 @@ struct Frame<'a, 'r> {
     values: Vec<Option<Any<'a>>>,
     last_reader: &'r [usize],
     symbols: &'r Symbols,
+    /// Threads one step may divide its work among (1 inside a block of rows, which already has
+    /// its own thread).
+    threads: usize,
 }
 
 impl FloatProgram {
@@ -588,6 +591,7 @@ impl FloatProgram {
                         values: vec![None; self.names.len()],
                         last_reader: &none,
                         symbols: &no_symbols,
+                        threads: 1,
                     };
                     let largest = step
                         .inputs
@@ -993,6 +997,7 @@ impl FloatProgram {
                     values: vec![None; self.names.len()],
                     last_reader: &self.last_reader,
                     symbols: &symbols,
+                    threads,
                 };
                 self.run_steps(seeds, |_| true, &mut frame)?;
                 self.outputs(&frame.values)?
@@ -1050,6 +1055,7 @@ impl FloatProgram {
             values: vec![None; self.names.len()],
             last_reader: &plan.prologue_last_reader,
             symbols,
+            threads: blocks.len(),
         };
         self.run_steps(seeds, |i| plan.prologue[i], &mut whole)?;
         let mut block_seeds = Vec::with_capacity(blocks.len());
@@ -1079,6 +1085,7 @@ impl FloatProgram {
                         values: vec![None; self.names.len()],
                         last_reader: &plan.block_last_reader,
                         symbols,
+                        threads: 1,
                     };
                     self.run_steps(seeds, |i| !plan.prologue[i], &mut frame)?;
                     Ok(self
@@ -1124,6 +1131,7 @@ impl FloatProgram {
             values: vec![None; self.names.len()],
             last_reader: &plan.block_last_reader,
             symbols,
+            threads: whole.threads,
         };
         self.run_steps(seeds, |i| !plan.prologue[i], &mut frame)?;
         self.outputs(&frame.values)
@@ -1234,6 +1242,7 @@ impl FloatProgram {
                 float(frame, 0)?,
                 float(frame, 1)?,
                 &step.epilogue,
+                frame.threads,
             )?),
             Kernel::Conv { window, group } => {
                 let input = float(frame, 0)?;
@@ -1250,17 +1259,20 @@ impl FloatProgram {
             Kernel::Binary(op) => Any::F32(binary(*op, take_first(frame)?.float()?, &float(frame, 1)?)?),
             Kernel::Unary(op) => {
                 let mut value = take_first(frame)?.float()?;
-                match op {
-                    UnaryOp::Erf | UnaryOp::Gelu => kernels::erf_values(value.data.to_mut(), *op == UnaryOp::Gelu),
-                    _ => unary(*op, value.data.to_mut()),
-                }
+                let op = *op;
+                in_row_parts(value.data.to_mut(), 1, frame.threads, |part| match op {
+                    UnaryOp::Erf | UnaryOp::Gelu => kernels::erf_values(part, op == UnaryOp::Gelu),
+                    _ => unary(op, part),
+                });
                 Any::F32(value)
             }
             Kernel::Softmax(axis) => {
                 let mut value = take_first(frame)?.float()?;
                 let (_, width, inner) = split_at_axis(&value.shape, *axis).ok_or("bad axis")?;
                 if inner == 1 {
-                    kernels::softmax_rows(value.data.to_mut(), width);
+                    in_row_parts(value.data.to_mut(), width, frame.threads, |rows| {
+                        kernels::softmax_rows(rows, width)
+                    });
                 } else {
                     kernels::softmax_strided(value.data.to_mut(), width, inner);
                 }
@@ -1276,7 +1288,10 @@ impl FloatProgram {
                 let mut value = take_first(frame)?.float()?;
                 let width = value.shape.last().copied().ok_or("a scalar has no rows")?;
                 check_channels(&step.epilogue, width)?;
-                layer_norm(value.data.to_mut(), width, *inverse_width, *eps, &step.epilogue);
+                let (inverse_width, eps) = (*inverse_width, *eps);
+                in_row_parts(value.data.to_mut(), width, frame.threads, |rows| {
+                    kernels::layer_norm(rows, width, inverse_width, eps, &step.epilogue)
+                });
                 Any::F32(value)
             }
             Kernel::AddAxis(axis) => {
@@ -1498,13 +1513,15 @@ fn scalar(value: &Val<'_, i64>) -> Result<i64, StepError> {
 }
 
 /// A product step: the operands' axes reordered as the kernels read them, the batches of
-/// products, then the output's axes reordered.
+/// products (divided among up to `threads` threads when large enough), then the output's axes
+/// reordered.
 fn product<'a>(
     form: &EinsumForm,
     packed: Option<&[PackedMatrix]>,
     a: Val<'_>,
     b: Val<'_>,
     epilogue: &[ChannelOp],
+    threads: usize,
 ) -> Result<Val<'a>, StepError> {
     let a = match &form.a_order {
         Some(order) => Val::owned(moves::permute(a.view(), order)?),
@@ -1518,22 +1535,52 @@ fn product<'a>(
         (Some(order), Some(_)) => order.iter().map(|axis| b.shape[*axis]).collect(),
         _ => b.shape.clone(),
     };
-    let (ProductSizes { batches, m, k, n }, shape) = form.sizes(&a.shape, &b_shape)?;
+    let (sizes, shape) = form.sizes(&a.shape, &b_shape)?;
     let elements = sized(&shape)?;
-    check_channels(epilogue, n)?;
+    check_channels(epilogue, sizes.n)?;
     let mut out = vec![0.0f32; elements];
-    for batch in 0..batches {
-        let own;
-        let matrix = match packed {
-            Some(packed) => packed.get(batch).ok_or("fewer packed matrices than batches")?,
-            None => {
-                own = PackedMatrix::pack(&b.data[batch * k * n..][..k * n], k, n, form.transposed);
-                &own
-            }
-        };
-        let a_block = &a.data[batch * m * k..][..m * k];
-        kernels::matmul(a_block, 0..m, matrix, &mut out[batch * m * n..][..m * n], epilogue);
+    let ProductSizes { m, k, n, .. } = sizes;
+    // The rows of every batch, one after another, as the output holds them: each part computes
+    // a run of them into its own stretch of the output.
+    let rows_of = |flat_rows: Range<usize>, out: &mut [f32]| -> Result<(), StepError> {
+        let mut row = flat_rows.start;
+        while row < flat_rows.end {
+            let batch = row / m;
+            let rows = row - batch * m..(flat_rows.end - batch * m).min(m);
+            let own;
+            let matrix = match packed {
+                Some(packed) => packed.get(batch).ok_or("fewer packed matrices than batches")?,
+                None => {
+                    own = PackedMatrix::pack(&b.data[batch * k * n..][..k * n], k, n, form.transposed);
+                    &own
+                }
+            };
+            let a_block = &a.data[batch * m * k..][..m * k];
+            let done = row - flat_rows.start;
+            kernels::matmul(
+                a_block,
+                rows.clone(),
+                matrix,
+                &mut out[done * n..][..rows.len() * n],
+                epilogue,
+            );
+            row += rows.len();
+        }
+        Ok(())
+    };
+    // An empty output has nothing to compute (and its batches may be counted in the billions).
+    let parts = match elements {
+        0 => Vec::new(),
+        _ => product_parts(&sizes, threads),
+    };
+    let mut rest = &mut out[..];
+    let mut pieces = Vec::with_capacity(parts.len());
+    for part in parts {
+        let (own, after) = std::mem::take(&mut rest).split_at_mut(part.len() * n);
+        rest = after;
+        pieces.push((part, own));
     }
+    run_parts(pieces, threads, |(part, own)| rows_of(part, own))?;
     let out = Val {
         shape,
         data: Cow::Owned(out),
@@ -1542,6 +1589,71 @@ fn product<'a>(
         Some(order) => Val::owned(moves::permute(out.view(), order)?),
         None => out,
     })
+}
+
+/// Below this many multiply-adds a product runs on one thread: handing part of it to another
+/// thread costs about 2 µs (see `pools`), about the time one core takes for 2^17 of them.
+const SPLIT_WORTHY_MULTIPLY_ADDS: usize = 1 << 18;
+
+/// Rows a part of a product's rows starts on a multiple of, so that the kernels keep their
+/// widest blocks of rows.
+const PART_ROWS: usize = 8;
+
+/// Parts a step divided among threads is cut into per thread, so that a thread that starts
+/// late takes fewer of them (see [`run_parts`]).
+const PARTS_PER_THREAD: usize = 4;
+
+/// How a product's output rows (every batch's `m` rows, one batch after another) are cut into
+/// parts for `threads` threads: whole batches while there are at least two, else blocks of
+/// [`PART_ROWS`] rows; one part when `threads` is 1 or the product is too small to gain.
+fn product_parts(sizes: &ProductSizes, threads: usize) -> Vec<Range<usize>> {
+    let ProductSizes { batches, m, k, n } = *sizes;
+    // At most the output's elements, which the caller has checked.
+    let all = 0..batches * m;
+    let work = batches.saturating_mul(m).saturating_mul(k).saturating_mul(n);
+    if threads < 2 || work < SPLIT_WORTHY_MULTIPLY_ADDS {
+        return vec![all];
+    }
+    // Cut points in units of `unit` rows, `units` of them, the last unit possibly short.
+    let (unit, units) = if batches > 1 {
+        (m, batches)
+    } else {
+        (PART_ROWS, m.div_ceil(PART_ROWS))
+    };
+    let parts = threads.saturating_mul(PARTS_PER_THREAD).min(units);
+    (0..parts)
+        .map(|p| (unit * (units * p / parts)).min(all.end)..(unit * (units * (p + 1) / parts)).min(all.end))
+        .collect()
+}
+
+/// Below this many values a row-wise step runs on one thread (GELU on 2^14 values takes
+/// about 15 µs, against about 2 µs to hand half of it to another thread).
+const SPLIT_WORTHY_VALUES: usize = 1 << 14;
+
+/// `f` on `values`, rows of `width` values that `f` treats apart, divided among up to `threads`
+/// threads when there are enough of them.
+fn in_row_parts(values: &mut [f32], width: usize, threads: usize, f: impl Fn(&mut [f32]) + Sync) {
+    let width = width.max(1);
+    let rows = values.len() / width;
+    if threads < 2 || values.len() < SPLIT_WORTHY_VALUES || rows < 2 {
+        return f(values);
+    }
+    let parts = threads.saturating_mul(PARTS_PER_THREAD).min(rows);
+    let mut rest = values;
+    let mut pieces = Vec::with_capacity(parts);
+    for p in 0..parts {
+        let take = match p + 1 == parts {
+            true => rest.len(),
+            false => (rows * (p + 1) / parts - rows * p / parts) * width,
+        };
+        let (piece, after) = std::mem::take(&mut rest).split_at_mut(take);
+        rest = after;
+        pieces.push(piece);
+    }
+    let Ok(()) = run_parts(pieces, threads, |piece| {
+        f(piece);
+        Ok::<(), std::convert::Infallible>(())
+    });
 }
 
 /// `cond ? a : b` element-wise, broadcast.
@@ -1894,27 +2006,6 @@ fn rms_norm(values: &mut [f32], width: usize, inner: usize, eps: f32) {
     }
 }
 
-/// Layer normalization of each row of `width` values, then the epilogue's per-column
-/// operations (the scale and shift).
-fn layer_norm(values: &mut [f32], width: usize, inverse_width: f32, eps: f32, epilogue: &[ChannelOp]) {
-    for row in values.chunks_exact_mut(width.max(1)) {
-        let mean = row.iter().sum::<f32>() * inverse_width;
-        row.iter_mut().for_each(|x| *x -= mean);
-        let mean_square = row.iter().map(|x| x * x).sum::<f32>() / width as f32;
-        let scale = 1.0 / (mean_square + eps).sqrt();
-        row.iter_mut().for_each(|x| *x *= scale);
-        for op in epilogue {
-            match op.values[..] {
-                [v] => row.iter_mut().for_each(|x| *x = kernels::binary(op.op, *x, v)),
-                _ => row
-                    .iter_mut()
-                    .zip(&op.values)
-                    .for_each(|(x, v)| *x = kernels::binary(op.op, *x, *v)),
-            }
-        }
-    }
-}
-
 /// The shape after replacing `from` at `at` by `to`, a symbolic `to` dimension inferred from
 /// the element count.
 fn reshaped(shape: &[usize], at: usize, from: &[DimFact], to: &[DimFact]) -> Result<Vec<usize>, String> {
@@ -2031,8 +2122,83 @@ fn products_per_row(graph: &Graph) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
     use crate::ir::{Node, Value};
+
+    #[test]
+    fn products_divided_among_threads_give_the_same_bits() {
+        let mut value = crate::exec::test_values(7);
+        let mut val = |shape: Vec<usize>| Val {
+            data: Cow::Owned((0..shape.iter().product()).map(|_| value(200) as f32 / 13.0).collect()),
+            shape,
+        };
+        // One batch cut into blocks of rows (37 rows: a short last block), five batches cut
+        // into whole batches, and one too small to divide.
+        for (expr, a, b, parts) in [
+            (
+                "mk,kn->mn",
+                vec![37, 300],
+                vec![300, 70],
+                vec![0..8, 8..16, 16..24, 24..32, 32..37],
+            ),
+            (
+                "bmk,bkn->bmn",
+                vec![5, 9, 128],
+                vec![5, 128, 64],
+                vec![0..9, 9..18, 18..27, 27..36, 36..45],
+            ),
+            ("mk,kn->mn", vec![8, 16], vec![16, 16], std::iter::once(0..8).collect()),
+        ] {
+            let form = EinsumForm::parse(expr).expect("a product");
+            let (a, b) = (val(a), val(b));
+            let (sizes, _) = form.sizes(&a.shape, &b.shape).expect("sizes");
+            let epilogue = [ChannelOp {
+                op: BinaryOp::Add,
+                values: (0..sizes.n).map(|c| c as f32).collect(),
+            }];
+            assert_eq!(product_parts(&sizes, 3), parts, "{expr}");
+            let one = product(&form, None, a.clone(), b.clone(), &epilogue, 1).expect("product");
+            for threads in [2, 3, 8] {
+                let divided = product(&form, None, a.clone(), b.clone(), &epilogue, threads).expect("product");
+                let bits = |v: &Val<'_>| v.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    (&divided.shape, bits(&divided)),
+                    (&one.shape, bits(&one)),
+                    "{expr} on {threads}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn row_wise_steps_divided_among_threads_give_the_same_bits() {
+        let mut value = crate::exec::test_values(11);
+        // 1,000 rows of 37 (a row count that no part count divides), and 2^15 single values.
+        for (width, count) in [(37usize, 37_000usize), (1, 1 << 15)] {
+            let values: Vec<f32> = (0..count).map(|_| value(400) as f32 / 31.0).collect();
+            let on = |threads: usize| {
+                let mut out = values.clone();
+                let calls = AtomicUsize::new(0);
+                in_row_parts(&mut out, width, threads, |rows| {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    match width {
+                        1 => kernels::erf_values(rows, true),
+                        _ => kernels::softmax_rows(rows, width),
+                    }
+                });
+                (out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), calls.into_inner())
+            };
+            let (whole, calls) = on(1);
+            assert_eq!(calls, 1);
+            for threads in [2, 3] {
+                let (divided, calls) = on(threads);
+                assert_eq!(calls, threads * PARTS_PER_THREAD, "width {width}");
+                assert!(divided == whole, "width {width} on {threads} threads");
+            }
+        }
+    }
 
     /// A graph of an input `[batch, 4]`, a constant, and the nodes `ops` makes from them (each
     /// reading the value before it, then, for two-operand ones, the constant).
