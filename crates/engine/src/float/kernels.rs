@@ -23,6 +23,10 @@ const ROWS: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const ROWS_AVX512: usize = 8;
 
+/// Bytes of the left operand a product goes through for each panel of the right one: a
+/// quarter of a typical 1 MiB L2 cache, leaving room for the panels and the output.
+const A_CHUNK_BYTES: usize = 256 * 1024;
+
 /// An element-wise operation with a constant per output channel (or one for all channels),
 /// applied as a product's results are written: a bias, a batch-norm scale, a ReLU, a clip.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,22 +180,31 @@ fn matmul_loop<const R: usize>(
         let dest = &mut out[(r - first_row) * n + first_col..][..cols];
         dest.copy_from_slice(&sums[..cols]);
     };
-    let mut r = rows.start;
-    while r < rows.end {
-        let left = rows.end - r;
+    // Rows in chunks whose part of `a` stays in the L2 cache, and each panel (which stays in
+    // the L1 cache) used by every row of a chunk before the next panel: `b` is read from
+    // memory once per chunk, not once per block of `R` rows.
+    let chunk_rows = (A_CHUNK_BYTES / (k.max(1) * size_of::<f32>()) / R).max(1) * R;
+    let mut chunk_start = rows.start;
+    while chunk_start < rows.end {
+        let chunk_end = rows.end.min(chunk_start + chunk_rows);
         for p in 0..n.div_ceil(PANEL) {
             let panel = &b.panels[p * k..][..k];
-            if left >= R {
-                let sums = kernel.block::<R>(std::array::from_fn(|i| row_of(r + i)), panel);
-                for (i, s) in sums.iter().enumerate() {
-                    write(r + i, p, s);
+            let mut r = chunk_start;
+            while r < chunk_end {
+                if chunk_end - r >= R {
+                    let sums = kernel.block::<R>(std::array::from_fn(|i| row_of(r + i)), panel);
+                    for (i, s) in sums.iter().enumerate() {
+                        write(r + i, p, s);
+                    }
+                    r += R;
+                } else {
+                    let [sums] = kernel.block([row_of(r)], panel);
+                    write(r, p, &sums);
+                    r += 1;
                 }
-            } else {
-                let [sums] = kernel.block([row_of(r)], panel);
-                write(r, p, &sums);
             }
         }
-        r += if left >= R { R } else { 1 };
+        chunk_start = chunk_end;
     }
     if !epilogue.is_empty() {
         for row in out[..rows.len() * n].chunks_exact_mut(n.max(1)) {
@@ -1205,6 +1218,21 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn products_whose_left_operand_outgrows_a_chunk_match_the_reference() {
+        // 8,200 values a row: chunks of 8 rows, so 21 rows are two chunks and 5 single rows.
+        let (m, k, n) = (21, 8200, 20);
+        let mut value = crate::exec::test_values(3);
+        let a: Vec<f32> = (0..m * k).map(|_| value(100) as f32 / 7.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| value(100) as f32 / 5.0).collect();
+        let expected = reference_matmul(&a, &b, m, k, n);
+        let mut out = vec![0.0f32; m * n];
+        matmul(&a, 0..m, &PackedMatrix::pack(&b, k, n, false), &mut out, &[]);
+        for (x, e) in out.iter().zip(&expected) {
+            assert!((x - e).abs() <= 1e-3 * e.abs().max(1.0), "{x} vs {e}");
         }
     }
 
