@@ -128,15 +128,23 @@ impl PackedMatrix {
     }
 }
 
-/// `out = a x b` for the rows `rows` of the row-major `m x k` matrix `a` (into `out`, which
-/// holds those rows, `n` values each), then `epilogue` per column.
-pub(super) fn matmul(a: &[f32], rows: Range<usize>, b: &PackedMatrix, out: &mut [f32], epilogue: &[ChannelOp]) {
+/// The part of a product's output one call computes: some of its rows, and some of its
+/// columns, from a multiple of [`PANEL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Tile {
+    pub(super) rows: Range<usize>,
+    pub(super) columns: Range<usize>,
+}
+
+/// `out = a x b` for the tile `tile` of the output, `a` being row-major `m x k` (into `out`,
+/// which holds the tile's rows, each as wide as its columns), then `epilogue` per column.
+pub(super) fn matmul(a: &[f32], tile: Tile, b: &PackedMatrix, out: &mut [f32], epilogue: &[ChannelOp]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(v4) = V4::try_new() {
         return v4.vectorize(VectorMatmul::<_, ROWS_AVX512> {
             kernel: Avx512Block(v4),
             a,
-            rows,
+            tile,
             b,
             out,
             epilogue,
@@ -147,69 +155,93 @@ pub(super) fn matmul(a: &[f32], rows: Range<usize>, b: &PackedMatrix, out: &mut 
         return v3.vectorize(VectorMatmul::<_, ROWS> {
             kernel: AvxBlock(v3),
             a,
-            rows,
+            tile,
             b,
             out,
             epilogue,
         });
     }
-    matmul_loop::<ROWS>(a, rows, b, out, epilogue, PortableBlock);
+    matmul_loop::<ROWS>(a, tile, b, out, epilogue, PortableBlock);
 }
 
 /// A kernel for a block of `R` rows against one panel: the panel's [`PANEL`] sums per row.
 trait BlockKernel: Copy {
     fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R];
+
+    /// One row against `P` panels: the same sums, one multiply-add after another for each, as
+    /// `block` gives, with `P` independent chains where one row against one panel has one.
+    fn wide<const P: usize>(self, row: &[f32], panels: [&[[f32; PANEL]]; P]) -> [[f32; PANEL]; P];
 }
+
+/// Panels a row left over from the blocks of rows goes through at once.
+const WIDE_PANELS: usize = 4;
 
 /// The product in blocks of `R` rows (then row by row for the rest) against each panel.
 #[inline(always)]
 fn matmul_loop<const R: usize>(
     a: &[f32],
-    rows: Range<usize>,
+    tile: Tile,
     b: &PackedMatrix,
     out: &mut [f32],
     epilogue: &[ChannelOp],
     kernel: impl BlockKernel,
 ) {
-    let (k, n) = (b.k, b.n);
-    let first_row = rows.start;
+    let k = b.k;
+    let Tile { rows, columns } = tile;
+    let columns = columns.start..columns.end.min(b.n);
+    let width = columns.len();
     let row_of = |r: usize| &a[r * k..][..k];
     let mut write = |r: usize, p: usize, sums: &[f32; PANEL]| {
         let first_col = p * PANEL;
-        let cols = PANEL.min(n - first_col);
-        let dest = &mut out[(r - first_row) * n + first_col..][..cols];
+        let cols = PANEL.min(columns.end - first_col);
+        let dest = &mut out[(r - rows.start) * width + first_col - columns.start..][..cols];
         dest.copy_from_slice(&sums[..cols]);
     };
     // Rows in chunks whose part of `a` stays in the L2 cache, and each panel (which stays in
     // the L1 cache) used by every row of a chunk before the next panel: `b` is read from
     // memory once per chunk, not once per block of `R` rows.
     let chunk_rows = (A_CHUNK_BYTES / (k.max(1) * size_of::<f32>()) / R).max(1) * R;
+    let panels = columns.start / PANEL..columns.end.div_ceil(PANEL);
+    let panel_at = |p: usize| &b.panels[p * k..][..k];
     let mut chunk_start = rows.start;
     while chunk_start < rows.end {
         let chunk_end = rows.end.min(chunk_start + chunk_rows);
-        for p in 0..n.div_ceil(PANEL) {
-            let panel = &b.panels[p * k..][..k];
-            let mut r = chunk_start;
-            while r < chunk_end {
-                if chunk_end - r >= R {
-                    let sums = kernel.block::<R>(std::array::from_fn(|i| row_of(r + i)), panel);
+        let blocks_end = chunk_end - (chunk_end - chunk_start) % R;
+        for p in panels.clone() {
+            for r in (chunk_start..blocks_end).step_by(R) {
+                let sums = kernel.block::<R>(std::array::from_fn(|i| row_of(r + i)), panel_at(p));
+                for (i, s) in sums.iter().enumerate() {
+                    write(r + i, p, s);
+                }
+            }
+        }
+        // The rows left over, each against several panels at once.
+        for r in blocks_end..chunk_end {
+            let mut p = panels.start;
+            while p < panels.end {
+                if panels.end - p >= WIDE_PANELS {
+                    let sums = kernel.wide::<WIDE_PANELS>(row_of(r), std::array::from_fn(|i| panel_at(p + i)));
                     for (i, s) in sums.iter().enumerate() {
-                        write(r + i, p, s);
+                        write(r, p + i, s);
                     }
-                    r += R;
+                    p += WIDE_PANELS;
                 } else {
-                    let [sums] = kernel.block([row_of(r)], panel);
+                    let [sums] = kernel.block([row_of(r)], panel_at(p));
                     write(r, p, &sums);
-                    r += 1;
+                    p += 1;
                 }
             }
         }
         chunk_start = chunk_end;
     }
     if !epilogue.is_empty() {
-        for row in out[..rows.len() * n].chunks_exact_mut(n.max(1)) {
+        for row in out[..rows.len() * width].chunks_exact_mut(width.max(1)) {
             for e in epilogue {
-                apply_run(e.op, row, &e.values);
+                let values = match &e.values[..] {
+                    [_] => &e.values[..],
+                    all => &all[columns.clone()],
+                };
+                apply_run(e.op, row, values);
             }
         }
     }
@@ -233,6 +265,19 @@ impl BlockKernel for PortableBlock {
         }
         acc
     }
+
+    #[inline(always)]
+    fn wide<const P: usize>(self, row: &[f32], panels: [&[[f32; PANEL]]; P]) -> [[f32; PANEL]; P] {
+        let mut acc = [[0.0f32; PANEL]; P];
+        for (kk, x) in row.iter().enumerate() {
+            for (acc, panel) in acc.iter_mut().zip(&panels) {
+                for (s, w) in acc.iter_mut().zip(&panel[kk]) {
+                    *s += x * w;
+                }
+            }
+        }
+        acc
+    }
 }
 
 /// The product through `kernel` in blocks of `R` rows, inside a `pulp` instruction-set context
@@ -241,7 +286,7 @@ impl BlockKernel for PortableBlock {
 struct VectorMatmul<'a, K, const R: usize> {
     kernel: K,
     a: &'a [f32],
-    rows: Range<usize>,
+    tile: Tile,
     b: &'a PackedMatrix,
     out: &'a mut [f32],
     epilogue: &'a [ChannelOp],
@@ -253,7 +298,7 @@ impl<K: BlockKernel, const R: usize> pulp::NullaryFnOnce for VectorMatmul<'_, K,
 
     #[inline(always)]
     fn call(self) {
-        matmul_loop::<R>(self.a, self.rows, self.b, self.out, self.epilogue, self.kernel);
+        matmul_loop::<R>(self.a, self.tile, self.b, self.out, self.epilogue, self.kernel);
     }
 }
 
@@ -280,6 +325,25 @@ impl BlockKernel for AvxBlock {
         }
         acc.map(cast)
     }
+
+    #[inline(always)]
+    fn wide<const P: usize>(self, row: &[f32], panels: [&[[f32; PANEL]]; P]) -> [[f32; PANEL]; P] {
+        use pulp::{cast, f32x8};
+        let v3 = self.0;
+        // Panels cut to the row's length, so that reading them needs no bounds check.
+        let panels = panels.map(|panel| &panel[..row.len()]);
+        let zero = v3.splat_f32x8(0.0);
+        let mut acc = [[zero; 2]; P];
+        for (kk, x) in row.iter().enumerate() {
+            let x = v3.splat_f32x8(*x);
+            for (acc, panel) in acc.iter_mut().zip(&panels) {
+                let [low, high]: [f32x8; 2] = cast(panel[kk]);
+                acc[0] = v3.mul_add_f32x8(x, low, acc[0]);
+                acc[1] = v3.mul_add_f32x8(x, high, acc[1]);
+            }
+        }
+        acc.map(cast)
+    }
 }
 
 /// Blocks with fused multiply-adds on one 512-bit vector (a whole panel row) per row.
@@ -300,6 +364,21 @@ impl BlockKernel for Avx512Block {
             let w: f32x16 = cast(*w);
             for (acc, row) in acc.iter_mut().zip(&rows) {
                 *acc = v4.mul_add_f32x16(v4.splat_f32x16(row[kk]), w, *acc);
+            }
+        }
+        acc.map(cast)
+    }
+
+    #[inline(always)]
+    fn wide<const P: usize>(self, row: &[f32], panels: [&[[f32; PANEL]]; P]) -> [[f32; PANEL]; P] {
+        use pulp::cast;
+        let v4 = self.0;
+        let panels = panels.map(|panel| &panel[..row.len()]);
+        let mut acc = [v4.splat_f32x16(0.0); P];
+        for (kk, x) in row.iter().enumerate() {
+            let x = v4.splat_f32x16(*x);
+            for (acc, panel) in acc.iter_mut().zip(&panels) {
+                *acc = v4.mul_add_f32x16(x, cast(panel[kk]), *acc);
             }
         }
         acc.map(cast)
@@ -1221,24 +1300,64 @@ mod tests {
         }
     }
 
+    fn whole(m: usize, n: usize) -> Tile {
+        Tile {
+            rows: 0..m,
+            columns: 0..n,
+        }
+    }
+
     #[test]
-    fn products_whose_left_operand_outgrows_a_chunk_match_the_reference() {
-        // 8,200 values a row: chunks of 8 rows, so 21 rows are two chunks and 5 single rows.
-        let (m, k, n) = (21, 8200, 20);
+    fn products_computed_tile_by_tile_match_the_reference_and_each_other() {
+        // 8,200 values a row: chunks of 8 rows, so 21 rows are two chunks and 5 rows left over;
+        // 100 columns are six whole panels and a quarter of one. Cut into tiles, rows that were
+        // in a block of rows are left over, and panels go through the wide kernel in other
+        // groups: the sums must still be the same bits.
+        let (m, k, n) = (21, 8200, 100);
         let mut value = crate::exec::test_values(3);
         let a: Vec<f32> = (0..m * k).map(|_| value(100) as f32 / 7.0).collect();
         let b: Vec<f32> = (0..k * n).map(|_| value(100) as f32 / 5.0).collect();
-        let expected = reference_matmul(&a, &b, m, k, n);
-        let mut out = vec![0.0f32; m * n];
-        matmul(&a, 0..m, &PackedMatrix::pack(&b, k, n, false), &mut out, &[]);
-        for (x, e) in out.iter().zip(&expected) {
-            assert!((x - e).abs() <= 1e-3 * e.abs().max(1.0), "{x} vs {e}");
+        let bias: Vec<f32> = (0..n).map(|c| c as f32 * 100.0).collect();
+        let expected: Vec<f32> = reference_matmul(&a, &b, m, k, n)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + bias[i % n])
+            .collect();
+        let epilogue = [ChannelOp {
+            op: BinaryOp::Add,
+            values: bias,
+        }];
+        let packed = PackedMatrix::pack(&b, k, n, false);
+        let mut results = Vec::new();
+        for (row_cuts, column_cuts) in [(vec![0, m], vec![0, n]), (vec![0, 3, 19, m], vec![0, 16, 32, n])] {
+            let mut out = vec![0.0f32; m * n];
+            for rows in row_cuts.windows(2).map(|w| w[0]..w[1]) {
+                for columns in column_cuts.windows(2).map(|w| w[0]..w[1]) {
+                    let mut tile = vec![0.0f32; rows.len() * columns.len()];
+                    let at = Tile {
+                        rows: rows.clone(),
+                        columns: columns.clone(),
+                    };
+                    matmul(&a, at, &packed, &mut tile, &epilogue);
+                    for (r, values) in rows.clone().zip(tile.chunks(columns.len())) {
+                        out[r * n + columns.start..][..columns.len()].copy_from_slice(values);
+                    }
+                }
+            }
+            for (x, e) in out.iter().zip(&expected) {
+                assert!(
+                    (x - e).abs() <= 1e-3 * e.abs().max(1.0),
+                    "{x} vs {e} in tiles {row_cuts:?} x {column_cuts:?}"
+                );
+            }
+            results.push(out.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         }
+        assert!(results[0] == results[1], "the same bits however the output is cut");
     }
 
     proptest! {
         #[test]
-        fn products_match_the_reference(m in 1usize..20, k in 1usize..40, n in 1usize..40, seed in 0u64..1000) {
+        fn products_match_the_reference(m in 1usize..20, k in 1usize..40, n in 1usize..80, seed in 0u64..1000) {
             let mut value = crate::exec::test_values(seed);
             let a: Vec<f32> = (0..m * k).map(|_| value(100) as f32 / 7.0).collect();
             let b: Vec<f32> = (0..k * n).map(|_| value(100) as f32 / 5.0).collect();
@@ -1247,17 +1366,17 @@ mod tests {
             for packed in [PackedMatrix::pack(&b, k, n, false), PackedMatrix::pack(&transposed, k, n, true)] {
                 // Every kernel this machine can run, not only the one `matmul` picks.
                 let mut outs = vec![vec![0.0f32; m * n]; 4];
-                matmul(&a, 0..m, &packed, &mut outs[0], &[]);
-                matmul_loop::<ROWS>(&a, 0..m, &packed, &mut outs[1], &[], PortableBlock);
+                matmul(&a, whole(m, n), &packed, &mut outs[0], &[]);
+                matmul_loop::<ROWS>(&a, whole(m, n), &packed, &mut outs[1], &[], PortableBlock);
                 #[cfg(target_arch = "x86_64")]
                 if let Some(v3) = V3::try_new() {
-                    v3.vectorize(VectorMatmul::<_, ROWS> { kernel: AvxBlock(v3), a: &a, rows: 0..m, b: &packed, out: &mut outs[2], epilogue: &[] });
+                    v3.vectorize(VectorMatmul::<_, ROWS> { kernel: AvxBlock(v3), a: &a, tile: whole(m, n), b: &packed, out: &mut outs[2], epilogue: &[] });
                 } else {
                     outs[2] = expected.clone();
                 }
                 #[cfg(target_arch = "x86_64")]
                 if let Some(v4) = V4::try_new() {
-                    v4.vectorize(VectorMatmul::<_, ROWS_AVX512> { kernel: Avx512Block(v4), a: &a, rows: 0..m, b: &packed, out: &mut outs[3], epilogue: &[] });
+                    v4.vectorize(VectorMatmul::<_, ROWS_AVX512> { kernel: Avx512Block(v4), a: &a, tile: whole(m, n), b: &packed, out: &mut outs[3], epilogue: &[] });
                 } else {
                     outs[3] = expected.clone();
                 }

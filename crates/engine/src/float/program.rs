@@ -12,7 +12,7 @@ use std::ops::Range;
 use vouch_tensor::{DType, Tensor, TensorData};
 
 use super::einsum::{EinsumForm, ProductSizes};
-use super::kernels::{self, ChannelOp, ConvLayout, ConvScratch, PackedMatrix};
+use super::kernels::{self, ChannelOp, ConvLayout, ConvScratch, PackedMatrix, Tile};
 use crate::broadcast;
 use crate::ir::{BinaryOp, CompareOp, DimFact, Graph, LogicOp, Op, ReduceOp, UnaryOp, ValueId, Window};
 use crate::moves::{self, MoveError, Moved, View};
@@ -1540,9 +1540,10 @@ fn product<'a>(
     check_channels(epilogue, sizes.n)?;
     let mut out = vec![0.0f32; elements];
     let ProductSizes { m, k, n, .. } = sizes;
-    // The rows of every batch, one after another, as the output holds them: each part computes
-    // a run of them into its own stretch of the output.
-    let rows_of = |flat_rows: Range<usize>, out: &mut [f32]| -> Result<(), StepError> {
+    // A part's rows count the rows of every batch, one after another, as the output holds
+    // them; it computes them, for its columns, into its own stretch of `out`.
+    let tile_of = |part: &Tile, out: &mut [f32]| -> Result<(), StepError> {
+        let (flat_rows, width) = (&part.rows, part.columns.len());
         let mut row = flat_rows.start;
         while row < flat_rows.end {
             let batch = row / m;
@@ -1557,11 +1558,15 @@ fn product<'a>(
             };
             let a_block = &a.data[batch * m * k..][..m * k];
             let done = row - flat_rows.start;
+            let tile = Tile {
+                rows: rows.clone(),
+                columns: part.columns.clone(),
+            };
             kernels::matmul(
                 a_block,
-                rows.clone(),
+                tile,
                 matrix,
-                &mut out[done * n..][..rows.len() * n],
+                &mut out[done * width..][..rows.len() * width],
                 epilogue,
             );
             row += rows.len();
@@ -1573,14 +1578,31 @@ fn product<'a>(
         0 => Vec::new(),
         _ => product_parts(&sizes, threads),
     };
-    let mut rest = &mut out[..];
+    // Parts of whole rows, in order, tile the output as it is laid out; parts of some columns
+    // go through a scratch buffer, copied into place afterwards.
+    let columns_divided = parts.iter().any(|part| part.columns != (0..n));
+    let mut scratch = vec![0.0f32; if columns_divided { elements } else { 0 }];
+    let mut rest = if columns_divided {
+        &mut scratch[..]
+    } else {
+        &mut out[..]
+    };
     let mut pieces = Vec::with_capacity(parts.len());
-    for part in parts {
-        let (own, after) = std::mem::take(&mut rest).split_at_mut(part.len() * n);
+    for part in &parts {
+        let (own, after) = std::mem::take(&mut rest).split_at_mut(part.rows.len() * part.columns.len());
         rest = after;
         pieces.push((part, own));
     }
-    run_parts(pieces, threads, |(part, own)| rows_of(part, own))?;
+    run_parts(pieces, threads, |(part, own)| tile_of(part, own))?;
+    if columns_divided {
+        let mut computed = scratch.iter();
+        for part in &parts {
+            for row in part.rows.clone() {
+                let dest = &mut out[row * n..][part.columns.clone()];
+                dest.iter_mut().zip(computed.by_ref()).for_each(|(d, c)| *d = *c);
+            }
+        }
+    }
     let out = Val {
         shape,
         data: Cow::Owned(out),
@@ -1599,31 +1621,47 @@ const SPLIT_WORTHY_MULTIPLY_ADDS: usize = 1 << 18;
 /// widest blocks of rows.
 const PART_ROWS: usize = 8;
 
+/// Columns a part of a product's columns starts on a multiple of: whole panels.
+const PART_COLUMNS: usize = 4 * kernels::PANEL;
+
 /// Parts a step divided among threads is cut into per thread, so that a thread that starts
 /// late takes fewer of them (see [`run_parts`]).
 const PARTS_PER_THREAD: usize = 4;
 
-/// How a product's output rows (every batch's `m` rows, one batch after another) are cut into
-/// parts for `threads` threads: whole batches while there are at least two, else blocks of
-/// [`PART_ROWS`] rows; one part when `threads` is 1 or the product is too small to gain.
-fn product_parts(sizes: &ProductSizes, threads: usize) -> Vec<Range<usize>> {
+/// How a product's output (every batch's `m` rows, one batch after another, as the tiles'
+/// rows count them) is cut into parts for `threads` threads: by whole batches while there are
+/// at least as many as threads, else by blocks of [`PART_ROWS`] rows while there are enough
+/// of those, else by columns; one part when `threads` is 1 or the product is too small to
+/// gain.
+fn product_parts(sizes: &ProductSizes, threads: usize) -> Vec<Tile> {
     let ProductSizes { batches, m, k, n } = *sizes;
     // At most the output's elements, which the caller has checked.
-    let all = 0..batches * m;
-    let work = batches.saturating_mul(m).saturating_mul(k).saturating_mul(n);
+    let rows = batches * m;
+    let work = rows.saturating_mul(k).saturating_mul(n);
     if threads < 2 || work < SPLIT_WORTHY_MULTIPLY_ADDS {
-        return vec![all];
+        return vec![Tile {
+            rows: 0..rows,
+            columns: 0..n,
+        }];
     }
-    // Cut points in units of `unit` rows, `units` of them, the last unit possibly short.
-    let (unit, units) = if batches > 1 {
-        (m, batches)
-    } else {
-        (PART_ROWS, m.div_ceil(PART_ROWS))
+    // `units` runs of `unit` (the last possibly short) of `length`, cut into `parts` parts.
+    let cut = |unit: usize, length: usize| {
+        let units = length.div_ceil(unit);
+        let parts = threads.saturating_mul(PARTS_PER_THREAD).min(units);
+        (0..parts)
+            .map(move |p| (unit * (units * p / parts)).min(length)..(unit * (units * (p + 1) / parts)).min(length))
     };
-    let parts = threads.saturating_mul(PARTS_PER_THREAD).min(units);
-    (0..parts)
-        .map(|p| (unit * (units * p / parts)).min(all.end)..(unit * (units * (p + 1) / parts)).min(all.end))
-        .collect()
+    let (unit, units) = match batches {
+        1 => (PART_ROWS, m.div_ceil(PART_ROWS)),
+        _ => (m, batches),
+    };
+    if units >= threads {
+        cut(unit, rows).map(|rows| Tile { rows, columns: 0..n }).collect()
+    } else {
+        cut(PART_COLUMNS, n)
+            .map(|columns| Tile { rows: 0..rows, columns })
+            .collect()
+    }
 }
 
 /// Below this many values a row-wise step runs on one thread (GELU on 2^14 values takes
@@ -2134,22 +2172,51 @@ mod tests {
             data: Cow::Owned((0..shape.iter().product()).map(|_| value(200) as f32 / 13.0).collect()),
             shape,
         };
-        // One batch cut into blocks of rows (37 rows: a short last block), five batches cut
-        // into whole batches, and one too small to divide.
+        let rows = |cuts: &[usize], n: usize| -> Vec<Tile> {
+            cuts.windows(2)
+                .map(|w| Tile {
+                    rows: w[0]..w[1],
+                    columns: 0..n,
+                })
+                .collect()
+        };
+        let columns = |rows: usize, cuts: &[usize]| -> Vec<Tile> {
+            cuts.windows(2)
+                .map(|w| Tile {
+                    rows: 0..rows,
+                    columns: w[0]..w[1],
+                })
+                .collect()
+        };
+        // On 3 threads: one batch cut into blocks of rows (37 rows: a short last block); five
+        // batches cut into whole batches; one batch of too few rows, and two batches, cut into
+        // columns (a short last run); and one too small to divide.
         for (expr, a, b, parts) in [
             (
                 "mk,kn->mn",
                 vec![37, 300],
                 vec![300, 70],
-                vec![0..8, 8..16, 16..24, 24..32, 32..37],
+                rows(&[0, 8, 16, 24, 32, 37], 70),
             ),
             (
                 "bmk,bkn->bmn",
                 vec![5, 9, 128],
                 vec![5, 128, 64],
-                vec![0..9, 9..18, 18..27, 27..36, 36..45],
+                rows(&[0, 9, 18, 27, 36, 45], 64),
             ),
-            ("mk,kn->mn", vec![8, 16], vec![16, 16], std::iter::once(0..8).collect()),
+            (
+                "mk,kn->mn",
+                vec![5, 600],
+                vec![600, 200],
+                columns(5, &[0, 64, 128, 192, 200]),
+            ),
+            (
+                "bmk,bkn->bmn",
+                vec![2, 9, 128],
+                vec![2, 128, 160],
+                columns(18, &[0, 64, 128, 160]),
+            ),
+            ("mk,kn->mn", vec![8, 16], vec![16, 16], rows(&[0, 8], 16)),
         ] {
             let form = EinsumForm::parse(expr).expect("a product");
             let (a, b) = (val(a), val(b));
