@@ -1539,7 +1539,20 @@ fn product<'a>(
     let elements = sized(&shape)?;
     check_channels(epilogue, sizes.n)?;
     let mut out = vec![0.0f32; elements];
-    let ProductSizes { m, k, n, .. } = sizes;
+    let ProductSizes { batches, m, k, n } = sizes;
+    // An empty output has nothing to compute (and its batches may be counted in the billions).
+    let parts = match elements {
+        0 => Vec::new(),
+        _ => product_parts(&sizes, threads),
+    };
+    // Parts of whole rows, in order, tile the output as it is laid out; parts of some columns
+    // go through a scratch buffer, copied into place afterwards.
+    let columns_divided = parts.iter().any(|part| part.columns != (0..n));
+    let pack_batch = |batch: usize| PackedMatrix::pack(&b.data[batch * k * n..][..k * n], k, n, form.transposed);
+    // Parts of some columns would each pack the whole right operand: pack it once for them.
+    let packed_once: Option<Vec<PackedMatrix>> =
+        (packed.is_none() && columns_divided).then(|| (0..batches).map(pack_batch).collect());
+    let packed = packed.or(packed_once.as_deref());
     // A part's rows count the rows of every batch, one after another, as the output holds
     // them; it computes them, for its columns, into its own stretch of `out`.
     let tile_of = |part: &Tile, out: &mut [f32]| -> Result<(), StepError> {
@@ -1552,7 +1565,7 @@ fn product<'a>(
             let matrix = match packed {
                 Some(packed) => packed.get(batch).ok_or("fewer packed matrices than batches")?,
                 None => {
-                    own = PackedMatrix::pack(&b.data[batch * k * n..][..k * n], k, n, form.transposed);
+                    own = pack_batch(batch);
                     &own
                 }
             };
@@ -1573,14 +1586,6 @@ fn product<'a>(
         }
         Ok(())
     };
-    // An empty output has nothing to compute (and its batches may be counted in the billions).
-    let parts = match elements {
-        0 => Vec::new(),
-        _ => product_parts(&sizes, threads),
-    };
-    // Parts of whole rows, in order, tile the output as it is laid out; parts of some columns
-    // go through a scratch buffer, copied into place afterwards.
-    let columns_divided = parts.iter().any(|part| part.columns != (0..n));
     let mut scratch = vec![0.0f32; if columns_divided { elements } else { 0 }];
     let mut rest = if columns_divided {
         &mut scratch[..]
@@ -1614,7 +1619,8 @@ fn product<'a>(
 }
 
 /// Below this many multiply-adds a product runs on one thread: handing part of it to another
-/// thread costs about 2 µs (see `pools`), about the time one core takes for 2^17 of them.
+/// thread costs about 2 µs (see `pools`), about the time one core takes for 2^17 of them at
+/// the 185 GFLOP/s `minilm_ffn` measures (docs/BENCHMARKS.md).
 const SPLIT_WORTHY_MULTIPLY_ADDS: usize = 1 << 18;
 
 /// Rows a part of a product's rows starts on a multiple of, so that the kernels keep their
@@ -1664,8 +1670,9 @@ fn product_parts(sizes: &ProductSizes, threads: usize) -> Vec<Tile> {
     }
 }
 
-/// Below this many values a row-wise step runs on one thread (GELU on 2^14 values takes
-/// about 15 µs, against about 2 µs to hand half of it to another thread).
+/// Below this many values a row-wise step runs on one thread. Chosen, not tuned: at one
+/// 32-token sentence, MiniLM's GELU (49,152 values) is divided, its layer normalizations and
+/// softmaxes (12,288 values each) are not.
 const SPLIT_WORTHY_VALUES: usize = 1 << 14;
 
 /// `f` on `values`, rows of `width` values that `f` treats apart, divided among up to `threads`
