@@ -18,10 +18,16 @@ pub(super) const PANEL: usize = 16;
 /// vectors of eight per row: 8 accumulators).
 const ROWS: usize = 4;
 
-/// Rows handled together by the AVX-512 product kernel (one vector of sixteen per row): 8
-/// accumulators, enough independent multiply-adds to cover their latency on two units.
+/// Rows and panels handled together by the AVX-512 product kernel (one vector of sixteen per
+/// row and panel): 24 accumulators, 3 panel vectors and a broadcast row value out of the 32
+/// registers. Each value of a panel read from memory serves 8 rows, each row value 3 panels:
+/// with one panel against 8 rows the MiniLM products ran at 123-130 GFLOP/s on a 2.4 MB
+/// right operand read from memory, with three at 171-214 (`minilm_ffn` in docs/BENCHMARKS.md
+/// measures the same products in a model).
 #[cfg(target_arch = "x86_64")]
 const ROWS_AVX512: usize = 8;
+#[cfg(target_arch = "x86_64")]
+const PANELS_AVX512: usize = 3;
 
 /// Bytes of the left operand a product goes through for each panel of the right one: a
 /// quarter of a typical 1 MiB L2 cache, leaving room for the panels and the output.
@@ -141,7 +147,7 @@ pub(super) struct Tile {
 pub(super) fn matmul(a: &[f32], tile: Tile, b: &PackedMatrix, out: &mut [f32], epilogue: &[ChannelOp]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(v4) = V4::try_new() {
-        return v4.vectorize(VectorMatmul::<_, ROWS_AVX512> {
+        return v4.vectorize(VectorMatmul::<_, ROWS_AVX512, PANELS_AVX512> {
             kernel: Avx512Block(v4),
             a,
             tile,
@@ -152,7 +158,7 @@ pub(super) fn matmul(a: &[f32], tile: Tile, b: &PackedMatrix, out: &mut [f32], e
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(v3) = V3::try_new() {
-        return v3.vectorize(VectorMatmul::<_, ROWS> {
+        return v3.vectorize(VectorMatmul::<_, ROWS, 1> {
             kernel: AvxBlock(v3),
             a,
             tile,
@@ -161,24 +167,27 @@ pub(super) fn matmul(a: &[f32], tile: Tile, b: &PackedMatrix, out: &mut [f32], e
             epilogue,
         });
     }
-    matmul_loop::<ROWS>(a, tile, b, out, epilogue, PortableBlock);
+    matmul_loop::<ROWS, 1>(a, tile, b, out, epilogue, PortableBlock);
 }
 
-/// A kernel for a block of `R` rows against one panel: the panel's [`PANEL`] sums per row.
+/// A kernel for a block of `R` rows against `Q` panels: each panel's [`PANEL`] sums per row,
+/// each sum one multiply-add after another along `k`, so that every shape of block gives the
+/// same bits for the same row and column.
 trait BlockKernel: Copy {
-    fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R];
-
-    /// One row against `P` panels: the same sums, one multiply-add after another for each, as
-    /// `block` gives, with `P` independent chains where one row against one panel has one.
-    fn wide<const P: usize>(self, row: &[f32], panels: [&[[f32; PANEL]]; P]) -> [[f32; PANEL]; P];
+    fn block<const R: usize, const Q: usize>(
+        self,
+        rows: [&[f32]; R],
+        panels: [&[[f32; PANEL]]; Q],
+    ) -> [[[f32; PANEL]; Q]; R];
 }
 
 /// Panels a row left over from the blocks of rows goes through at once.
 const WIDE_PANELS: usize = 4;
 
-/// The product in blocks of `R` rows (then row by row for the rest) against each panel.
+/// The product in blocks of `R` rows against `Q` panels at once (then row by row for the rest
+/// of the rows).
 #[inline(always)]
-fn matmul_loop<const R: usize>(
+fn matmul_loop<const R: usize, const Q: usize>(
     a: &[f32],
     tile: Tile,
     b: &PackedMatrix,
@@ -207,27 +216,34 @@ fn matmul_loop<const R: usize>(
     while chunk_start < rows.end {
         let chunk_end = rows.end.min(chunk_start + chunk_rows);
         let blocks_end = chunk_end - (chunk_end - chunk_start) % R;
-        for p in panels.clone() {
+        let mut p = panels.start;
+        while p < panels.end {
+            // `Q` panels at a time, then the rest in a pair and alone.
+            let step = match panels.end - p {
+                left if left >= Q => Q,
+                left => left.min(2),
+            };
             for r in (chunk_start..blocks_end).step_by(R) {
-                let sums = kernel.block::<R>(std::array::from_fn(|i| row_of(r + i)), panel_at(p));
-                for (i, s) in sums.iter().enumerate() {
-                    write(r + i, p, s);
+                let rows = std::array::from_fn(|i| row_of(r + i));
+                let write = |i: usize, q: usize, sums: &[f32; PANEL]| write(r + i, p + q, sums);
+                match step {
+                    1 => one_block::<R, 1>(kernel, rows, [panel_at(p)], write),
+                    2 if Q != 2 => one_block::<R, 2>(kernel, rows, [panel_at(p), panel_at(p + 1)], write),
+                    _ => one_block::<R, Q>(kernel, rows, std::array::from_fn(|q| panel_at(p + q)), write),
                 }
             }
+            p += step;
         }
         // The rows left over, each against several panels at once.
         for r in blocks_end..chunk_end {
             let mut p = panels.start;
             while p < panels.end {
+                let write = |_: usize, q: usize, sums: &[f32; PANEL]| write(r, p + q, sums);
                 if panels.end - p >= WIDE_PANELS {
-                    let sums = kernel.wide::<WIDE_PANELS>(row_of(r), std::array::from_fn(|i| panel_at(p + i)));
-                    for (i, s) in sums.iter().enumerate() {
-                        write(r, p + i, s);
-                    }
+                    one_block::<1, WIDE_PANELS>(kernel, [row_of(r)], std::array::from_fn(|q| panel_at(p + q)), write);
                     p += WIDE_PANELS;
                 } else {
-                    let [sums] = kernel.block([row_of(r)], panel_at(p));
-                    write(r, p, &sums);
+                    one_block::<1, 1>(kernel, [row_of(r)], [panel_at(p)], write);
                     p += 1;
                 }
             }
@@ -247,32 +263,43 @@ fn matmul_loop<const R: usize>(
     }
 }
 
+/// One block of `R` rows against `Q` panels through `kernel`, each panel's sums for each row
+/// handed to `write(row in the block, panel in the block, sums)`.
+#[inline(always)]
+fn one_block<const R: usize, const Q: usize>(
+    kernel: impl BlockKernel,
+    rows: [&[f32]; R],
+    panels: [&[[f32; PANEL]]; Q],
+    mut write: impl FnMut(usize, usize, &[f32; PANEL]),
+) {
+    let sums = kernel.block::<R, Q>(rows, panels);
+    for (i, row_sums) in sums.iter().enumerate() {
+        for (q, panel_sums) in row_sums.iter().enumerate() {
+            write(i, q, panel_sums);
+        }
+    }
+}
+
 /// Blocks in plain Rust (the compiler vectorizes the column loop).
 #[derive(Clone, Copy)]
 struct PortableBlock;
 
 impl BlockKernel for PortableBlock {
     #[inline(always)]
-    fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R] {
-        let mut acc = [[0.0f32; PANEL]; R];
-        for (kk, w) in panel.iter().enumerate() {
+    fn block<const R: usize, const Q: usize>(
+        self,
+        rows: [&[f32]; R],
+        panels: [&[[f32; PANEL]]; Q],
+    ) -> [[[f32; PANEL]; Q]; R] {
+        let mut acc = [[[0.0f32; PANEL]; Q]; R];
+        let k = panels.iter().map(|panel| panel.len()).min().unwrap_or(0);
+        for kk in 0..k {
             for (acc, row) in acc.iter_mut().zip(&rows) {
                 let x = row[kk];
-                for (s, w) in acc.iter_mut().zip(w) {
-                    *s += x * w;
-                }
-            }
-        }
-        acc
-    }
-
-    #[inline(always)]
-    fn wide<const P: usize>(self, row: &[f32], panels: [&[[f32; PANEL]]; P]) -> [[f32; PANEL]; P] {
-        let mut acc = [[0.0f32; PANEL]; P];
-        for (kk, x) in row.iter().enumerate() {
-            for (acc, panel) in acc.iter_mut().zip(&panels) {
-                for (s, w) in acc.iter_mut().zip(&panel[kk]) {
-                    *s += x * w;
+                for (acc, panel) in acc.iter_mut().zip(&panels) {
+                    for (s, w) in acc.iter_mut().zip(&panel[kk]) {
+                        *s += x * w;
+                    }
                 }
             }
         }
@@ -283,7 +310,7 @@ impl BlockKernel for PortableBlock {
 /// The product through `kernel` in blocks of `R` rows, inside a `pulp` instruction-set context
 /// (`vectorize`), so that the loop around the kernel is compiled for the same instructions.
 #[cfg(target_arch = "x86_64")]
-struct VectorMatmul<'a, K, const R: usize> {
+struct VectorMatmul<'a, K, const R: usize, const Q: usize> {
     kernel: K,
     a: &'a [f32],
     tile: Tile,
@@ -293,12 +320,12 @@ struct VectorMatmul<'a, K, const R: usize> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl<K: BlockKernel, const R: usize> pulp::NullaryFnOnce for VectorMatmul<'_, K, R> {
+impl<K: BlockKernel, const R: usize, const Q: usize> pulp::NullaryFnOnce for VectorMatmul<'_, K, R, Q> {
     type Output = ();
 
     #[inline(always)]
     fn call(self) {
-        matmul_loop::<R>(self.a, self.tile, self.b, self.out, self.epilogue, self.kernel);
+        matmul_loop::<R, Q>(self.a, self.tile, self.b, self.out, self.epilogue, self.kernel);
     }
 }
 
@@ -310,39 +337,30 @@ struct AvxBlock(V3);
 #[cfg(target_arch = "x86_64")]
 impl BlockKernel for AvxBlock {
     #[inline(always)]
-    fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R] {
+    fn block<const R: usize, const Q: usize>(
+        self,
+        rows: [&[f32]; R],
+        panels: [&[[f32; PANEL]]; Q],
+    ) -> [[[f32; PANEL]; Q]; R] {
         use pulp::{cast, f32x8};
         let v3 = self.0;
+        // Rows and panels cut to one length, so that reading them needs no bounds check.
+        let k = panels.iter().map(|panel| panel.len()).min().unwrap_or(0);
+        let rows = rows.map(|row| &row[..k]);
+        let panels = panels.map(|panel| &panel[..k]);
         let zero = v3.splat_f32x8(0.0);
-        let mut acc = [[zero; 2]; R];
-        for (kk, w) in panel.iter().enumerate() {
-            let [low, high]: [f32x8; 2] = cast(*w);
+        let mut acc = [[[zero; 2]; Q]; R];
+        for kk in 0..k {
+            let w: [[f32x8; 2]; Q] = std::array::from_fn(|q| cast(panels[q][kk]));
             for (acc, row) in acc.iter_mut().zip(&rows) {
                 let x = v3.splat_f32x8(row[kk]);
-                acc[0] = v3.mul_add_f32x8(x, low, acc[0]);
-                acc[1] = v3.mul_add_f32x8(x, high, acc[1]);
+                for (acc, [low, high]) in acc.iter_mut().zip(w) {
+                    acc[0] = v3.mul_add_f32x8(x, low, acc[0]);
+                    acc[1] = v3.mul_add_f32x8(x, high, acc[1]);
+                }
             }
         }
-        acc.map(cast)
-    }
-
-    #[inline(always)]
-    fn wide<const P: usize>(self, row: &[f32], panels: [&[[f32; PANEL]]; P]) -> [[f32; PANEL]; P] {
-        use pulp::{cast, f32x8};
-        let v3 = self.0;
-        // Panels cut to the row's length, so that reading them needs no bounds check.
-        let panels = panels.map(|panel| &panel[..row.len()]);
-        let zero = v3.splat_f32x8(0.0);
-        let mut acc = [[zero; 2]; P];
-        for (kk, x) in row.iter().enumerate() {
-            let x = v3.splat_f32x8(*x);
-            for (acc, panel) in acc.iter_mut().zip(&panels) {
-                let [low, high]: [f32x8; 2] = cast(panel[kk]);
-                acc[0] = v3.mul_add_f32x8(x, low, acc[0]);
-                acc[1] = v3.mul_add_f32x8(x, high, acc[1]);
-            }
-        }
-        acc.map(cast)
+        acc.map(|acc| acc.map(cast))
     }
 }
 
@@ -354,34 +372,28 @@ struct Avx512Block(V4);
 #[cfg(target_arch = "x86_64")]
 impl BlockKernel for Avx512Block {
     #[inline(always)]
-    fn block<const R: usize>(self, rows: [&[f32]; R], panel: &[[f32; PANEL]]) -> [[f32; PANEL]; R] {
+    fn block<const R: usize, const Q: usize>(
+        self,
+        rows: [&[f32]; R],
+        panels: [&[[f32; PANEL]]; Q],
+    ) -> [[[f32; PANEL]; Q]; R] {
         use pulp::{cast, f32x16};
         let v4 = self.0;
-        // Rows cut to the panel's length, so that reading them needs no bounds check.
-        let rows = rows.map(|row| &row[..panel.len()]);
-        let mut acc = [v4.splat_f32x16(0.0); R];
-        for (kk, w) in panel.iter().enumerate() {
-            let w: f32x16 = cast(*w);
+        // Rows and panels cut to one length, so that reading them needs no bounds check.
+        let k = panels.iter().map(|panel| panel.len()).min().unwrap_or(0);
+        let rows = rows.map(|row| &row[..k]);
+        let panels = panels.map(|panel| &panel[..k]);
+        let mut acc = [[v4.splat_f32x16(0.0); Q]; R];
+        for kk in 0..k {
+            let w: [f32x16; Q] = std::array::from_fn(|q| cast(panels[q][kk]));
             for (acc, row) in acc.iter_mut().zip(&rows) {
-                *acc = v4.mul_add_f32x16(v4.splat_f32x16(row[kk]), w, *acc);
+                let x = v4.splat_f32x16(row[kk]);
+                for (acc, w) in acc.iter_mut().zip(w) {
+                    *acc = v4.mul_add_f32x16(x, w, *acc);
+                }
             }
         }
-        acc.map(cast)
-    }
-
-    #[inline(always)]
-    fn wide<const P: usize>(self, row: &[f32], panels: [&[[f32; PANEL]]; P]) -> [[f32; PANEL]; P] {
-        use pulp::cast;
-        let v4 = self.0;
-        let panels = panels.map(|panel| &panel[..row.len()]);
-        let mut acc = [v4.splat_f32x16(0.0); P];
-        for (kk, x) in row.iter().enumerate() {
-            let x = v4.splat_f32x16(*x);
-            for (acc, panel) in acc.iter_mut().zip(&panels) {
-                *acc = v4.mul_add_f32x16(x, cast(panel[kk]), *acc);
-            }
-        }
-        acc.map(cast)
+        acc.map(|acc| acc.map(cast))
     }
 }
 
@@ -1310,9 +1322,10 @@ mod tests {
     #[test]
     fn products_computed_tile_by_tile_match_the_reference_and_each_other() {
         // 8,200 values a row: chunks of 8 rows, so 21 rows are two chunks and 5 rows left over;
-        // 100 columns are six whole panels and a quarter of one. Cut into tiles, rows that were
-        // in a block of rows are left over, and panels go through the wide kernel in other
-        // groups: the sums must still be the same bits.
+        // 100 columns are six whole panels and a quarter of one (two groups of three and one
+        // alone for the AVX-512 kernel). Cut into tiles, rows that were in a block of rows are
+        // left over, and panels are grouped otherwise (alone, three and a pair): the sums must
+        // still be the same bits.
         let (m, k, n) = (21, 8200, 100);
         let mut value = crate::exec::test_values(3);
         let a: Vec<f32> = (0..m * k).map(|_| value(100) as f32 / 7.0).collect();
@@ -1367,16 +1380,16 @@ mod tests {
                 // Every kernel this machine can run, not only the one `matmul` picks.
                 let mut outs = vec![vec![0.0f32; m * n]; 4];
                 matmul(&a, whole(m, n), &packed, &mut outs[0], &[]);
-                matmul_loop::<ROWS>(&a, whole(m, n), &packed, &mut outs[1], &[], PortableBlock);
+                matmul_loop::<ROWS, 1>(&a, whole(m, n), &packed, &mut outs[1], &[], PortableBlock);
                 #[cfg(target_arch = "x86_64")]
                 if let Some(v3) = V3::try_new() {
-                    v3.vectorize(VectorMatmul::<_, ROWS> { kernel: AvxBlock(v3), a: &a, tile: whole(m, n), b: &packed, out: &mut outs[2], epilogue: &[] });
+                    v3.vectorize(VectorMatmul::<_, ROWS, 1> { kernel: AvxBlock(v3), a: &a, tile: whole(m, n), b: &packed, out: &mut outs[2], epilogue: &[] });
                 } else {
                     outs[2] = expected.clone();
                 }
                 #[cfg(target_arch = "x86_64")]
                 if let Some(v4) = V4::try_new() {
-                    v4.vectorize(VectorMatmul::<_, ROWS_AVX512> { kernel: Avx512Block(v4), a: &a, tile: whole(m, n), b: &packed, out: &mut outs[3], epilogue: &[] });
+                    v4.vectorize(VectorMatmul::<_, ROWS_AVX512, PANELS_AVX512> { kernel: Avx512Block(v4), a: &a, tile: whole(m, n), b: &packed, out: &mut outs[3], epilogue: &[] });
                 } else {
                     outs[3] = expected.clone();
                 }

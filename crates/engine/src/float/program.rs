@@ -1627,8 +1627,9 @@ const SPLIT_WORTHY_MULTIPLY_ADDS: usize = 1 << 18;
 /// widest blocks of rows.
 const PART_ROWS: usize = 8;
 
-/// Columns a part of a product's columns starts on a multiple of: whole panels.
-const PART_COLUMNS: usize = 4 * kernels::PANEL;
+/// Columns a part of a product's columns starts on a multiple of: whole panels, in whole
+/// groups of the kernels' widest blocks (three panels for AVX-512).
+const PART_COLUMNS: usize = 6 * kernels::PANEL;
 
 /// Parts a step divided among threads is cut into per thread, so that a thread that starts
 /// late takes fewer of them (see [`run_parts`]).
@@ -1636,9 +1637,12 @@ const PARTS_PER_THREAD: usize = 4;
 
 /// How a product's output (every batch's `m` rows, one batch after another, as the tiles'
 /// rows count them) is cut into parts for `threads` threads: by whole batches while there are
-/// at least as many as threads, else by blocks of [`PART_ROWS`] rows while there are enough
-/// of those, else by columns; one part when `threads` is 1 or the product is too small to
-/// gain.
+/// at least as many as threads; else, for one batch, by runs of [`PART_COLUMNS`] columns while
+/// there are enough of those, so that each part reads only its own panels of the right
+/// operand (cut by rows, every part read all of it: MiniLM's weights, 42 MB, are read from
+/// memory at every sentence, and were read four times over); else by blocks of [`PART_ROWS`]
+/// rows while there are enough of those, else by columns; one part when `threads` is 1 or the
+/// product is too small to gain.
 fn product_parts(sizes: &ProductSizes, threads: usize) -> Vec<Tile> {
     let ProductSizes { batches, m, k, n } = *sizes;
     // At most the output's elements, which the caller has checked.
@@ -1661,7 +1665,12 @@ fn product_parts(sizes: &ProductSizes, threads: usize) -> Vec<Tile> {
         1 => (PART_ROWS, m.div_ceil(PART_ROWS)),
         _ => (m, batches),
     };
-    if units >= threads {
+    let column_units = n.div_ceil(PART_COLUMNS);
+    let by_rows = match batches {
+        1 => column_units < threads && units >= threads,
+        _ => units >= threads,
+    };
+    if by_rows {
         cut(unit, rows).map(|rows| Tile { rows, columns: 0..n }).collect()
     } else {
         cut(PART_COLUMNS, n)
@@ -2195,9 +2204,10 @@ mod tests {
                 })
                 .collect()
         };
-        // On 3 threads: one batch cut into blocks of rows (37 rows: a short last block); five
-        // batches cut into whole batches; one batch of too few rows, and two batches, cut into
-        // columns (a short last run); and one too small to divide.
+        // On 3 threads: one batch of too few columns cut into blocks of rows (37 rows: a short
+        // last block); five batches cut into whole batches; one batch of enough columns, one of
+        // too few rows, and two batches, cut into columns (a short last run); and one too small
+        // to divide.
         for (expr, a, b, parts) in [
             (
                 "mk,kn->mn",
@@ -2213,15 +2223,21 @@ mod tests {
             ),
             (
                 "mk,kn->mn",
+                vec![40, 100],
+                vec![100, 400],
+                columns(40, &[0, 96, 192, 288, 384, 400]),
+            ),
+            (
+                "mk,kn->mn",
                 vec![5, 600],
                 vec![600, 200],
-                columns(5, &[0, 64, 128, 192, 200]),
+                columns(5, &[0, 96, 192, 200]),
             ),
             (
                 "bmk,bkn->bmn",
                 vec![2, 9, 128],
                 vec![2, 128, 160],
-                columns(18, &[0, 64, 128, 160]),
+                columns(18, &[0, 96, 160]),
             ),
             ("mk,kn->mn", vec![8, 16], vec![16, 16], rows(&[0, 8], 16)),
         ] {
