@@ -20,10 +20,9 @@ const ROWS: usize = 4;
 
 /// Rows and panels handled together by the AVX-512 product kernel (one vector of sixteen per
 /// row and panel): 24 accumulators, 3 panel vectors and a broadcast row value out of the 32
-/// registers. Each value of a panel read from memory serves 8 rows, each row value 3 panels:
-/// with one panel against 8 rows the MiniLM products ran at 123-130 GFLOP/s on a 2.4 MB
-/// right operand read from memory, with three at 171-214 (`minilm_ffn` in docs/BENCHMARKS.md
-/// measures the same products in a model).
+/// registers. Each value of a panel read serves 8 rows, each row value 3 panels, where one
+/// panel against 8 rows read a panel value and 8 row values for 8 multiply-adds: MiniLM at one
+/// sentence on one thread went from 161 to 205–213 sentences per second (docs/BENCHMARKS.md).
 #[cfg(target_arch = "x86_64")]
 const ROWS_AVX512: usize = 8;
 #[cfg(target_arch = "x86_64")]

@@ -1619,8 +1619,8 @@ fn product<'a>(
 }
 
 /// Below this many multiply-adds a product runs on one thread: handing part of it to another
-/// thread costs about 2 µs (see `pools`), about the time one core takes for 2^17 of them at
-/// the 185 GFLOP/s `minilm_ffn` measures (docs/BENCHMARKS.md).
+/// thread costs about 2 µs (see `pools`), about the time one core takes for 2^18 of them at
+/// the 235 GFLOP/s `minilm_ffn` measures (docs/BENCHMARKS.md).
 const SPLIT_WORTHY_MULTIPLY_ADDS: usize = 1 << 18;
 
 /// Rows a part of a product's rows starts on a multiple of, so that the kernels keep their
