@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use vouch_tensor::{DType, NamedTensor, Tensor, TensorData};
 
-use crate::fixed::{ACTIVATION_MAX, Multiplier, div_round, quantize_f32_bits, saturate};
+use crate::fixed::{ACTIVATION_MAX, Multiplier, div_round, quantize_f32_slice, saturate};
 use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim, Window};
 use kernels::{GatherMap, Lanes, PairedRows, Panels, Rescale, product_sums};
 
@@ -309,9 +309,7 @@ fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, Exec
                 if let Some(i) = xs.iter().position(|x| x.is_nan()) {
                     return Err(error(format!("element {i} is NaN")));
                 }
-                xs.iter()
-                    .map(|x| quantize_f32_bits(x.to_bits(), inverse_scale))
-                    .collect()
+                quantize_f32_slice(xs, inverse_scale)
             }
             (InputKind::Integer, TensorData::I64(xs)) => xs
                 .iter()

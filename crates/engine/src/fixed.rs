@@ -165,6 +165,73 @@ pub fn quantize_f32_bits(bits: u32, inverse_scale: Multiplier) -> i32 {
     scaled.clamp(-i128::from(ACTIVATION_MAX), i128::from(ACTIVATION_MAX)) as i32
 }
 
+/// Quantizes float32 inputs as [`quantize_f32_bits`] does, to the same integers, with no branch
+/// per value so that the loop vectorizes (with AVX-512 where the CPU has it). NaN must have been
+/// refused before.
+///
+/// For a multiplier that fits in 32 bits, one formula covers every value: with `|m| < 2^31` and
+/// a mantissa below `2^24`, `|product| < 2^55`. A right shift of 56 to 62 bits already rounds
+/// every such product to 0, as a longer one does; and a left shift (`right <= 0`, a value of at
+/// least `2^23 * |m|` units) saturates, as a shift right by 1 of a product of at least `2^23`
+/// does. So the shift is clamped to `[1, 62]`, and only infinities are chosen apart.
+pub fn quantize_f32_slice(values: &[f32], inverse_scale: Multiplier) -> Vec<i32> {
+    let Ok(m) = i32::try_from(inverse_scale.m) else {
+        return values
+            .iter()
+            .map(|x| quantize_f32_bits(x.to_bits(), inverse_scale))
+            .collect();
+    };
+    let mut out = vec![0i32; values.len()];
+    let shift = i64::from(inverse_scale.shift);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v4) = pulp::x86::V4::try_new() {
+        v4.vectorize(QuantizeRun {
+            values,
+            m,
+            shift,
+            out: &mut out,
+        });
+        return out;
+    }
+    quantize_run(values, m, shift, &mut out);
+    out
+}
+
+/// [`quantize_run`] inside a `pulp` instruction-set context.
+struct QuantizeRun<'a> {
+    values: &'a [f32],
+    m: i32,
+    shift: i64,
+    out: &'a mut [i32],
+}
+
+impl pulp::NullaryFnOnce for QuantizeRun<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        quantize_run(self.values, self.m, self.shift, self.out);
+    }
+}
+
+/// The loop of [`quantize_f32_slice`], for a multiplier `m / 2^shift` with `m` in 32 bits.
+#[inline(always)]
+fn quantize_run(values: &[f32], m: i32, shift: i64, out: &mut [i32]) {
+    for (q, x) in out.iter_mut().zip(values) {
+        let bits = x.to_bits();
+        let raw_exponent = i64::from((bits >> 23) & 0xff);
+        let implicit = if raw_exponent == 0 { 0 } else { 1 << 23 };
+        let mantissa = i64::from(bits & 0x7f_ffff) | implicit;
+        let negative = bits >> 31 == 1;
+        let signed = if negative { -mantissa } else { mantissa };
+        let right = (150 + shift - raw_exponent.max(1)).clamp(1, 62);
+        let scaled = (signed * i64::from(m) + (1i64 << (right - 1))) >> right;
+        let finite = scaled.clamp(-ACTIVATION_MAX, ACTIVATION_MAX) as i32;
+        let infinite = if negative { -ACTIVATION_MAX } else { ACTIVATION_MAX } as i32;
+        *q = if raw_exponent == 0xff { infinite } else { finite };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +313,20 @@ mod tests {
             let x = f32::from_bits(bits);
             prop_assume!(!x.is_nan());
             prop_assert_eq!(quantize_f32_bits(bits, inverse_scale), quantize_wide(bits, inverse_scale));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn quantizing_a_slice_gives_each_value_s_integer(
+            bits in proptest::collection::vec(prop_oneof![any::<u32>(), (0u32..2).prop_map(|s| s << 31 | 0x7f80_0000)], 1..40),
+            m in prop_oneof![any::<i64>(), i64::from(i32::MIN)..=i64::from(i32::MAX), (1i64 << 30)..(1 << 31)],
+            shift in 0u32..=Multiplier::MAX_SHIFT,
+        ) {
+            let inverse_scale = Multiplier { m, shift };
+            let values: Vec<f32> = bits.iter().map(|b| f32::from_bits(*b)).filter(|x| !x.is_nan()).collect();
+            let one_by_one: Vec<i32> = values.iter().map(|x| quantize_f32_bits(x.to_bits(), inverse_scale)).collect();
+            prop_assert_eq!(quantize_f32_slice(&values, inverse_scale), one_by_one);
         }
     }
 
