@@ -1117,6 +1117,19 @@ fn requantize(sum: i64, bias: i64, requant: Multiplier) -> i32 {
 
 /// Max pooling (`average: None`) or average pooling (`Some(count_include_pad)`).
 fn pool(x: &ITensor, window: &Window, average: Option<bool>, options: &ExecOptions) -> Result<ITensor, String> {
+    match pool_tiled(x, window, average.is_some(), options)? {
+        Some(pooled) => Ok(pooled),
+        None => pool_by_window(x, window, average, options),
+    }
+}
+
+/// Any pooling, one window after another through the geometry's reads.
+fn pool_by_window(
+    x: &ITensor,
+    window: &Window,
+    average: Option<bool>,
+    options: &ExecOptions,
+) -> Result<ITensor, String> {
     let geometry = geometry(&x.shape, window, options, true)?;
     let planes = x.shape[0] * x.shape[1];
     let mut shape = x.shape[..2].to_vec();
@@ -1153,6 +1166,118 @@ fn pool(x: &ITensor, window: &Window, average: Option<bool>, options: &ExecOptio
         }
     }
     Ok(ITensor { shape, data })
+}
+
+/// A 2-D pooling whose windows tile the planes (no padding or dilation, strides equal to the
+/// kernel, sides a whole number of windows; the digit CNN's 2x2 pools), over every plane at
+/// once: each output row's input rows are combined into one line, then each window's columns.
+/// The same values as the window-by-window loop of [`pool`]: a maximum in any order, and sums
+/// in 64 bits, exact, divided once by the taps under the plan's rounding rule. `None` for any
+/// other window.
+fn pool_tiled(x: &ITensor, window: &Window, average: bool, options: &ExecOptions) -> Result<Option<ITensor>, String> {
+    let tiles = window.kernel.len() == 2
+        && window.strides == window.kernel
+        && window.dilations.iter().all(|d| *d == 1)
+        && window.pads_before.iter().chain(&window.pads_after).all(|p| *p == 0);
+    let (&[kernel_height, kernel_width], &[batch, channels, height, width]) = (&window.kernel[..], &x.shape[..]) else {
+        return Ok(None);
+    };
+    if !tiles
+        || kernel_height == 0
+        || kernel_width == 0
+        || !height.is_multiple_of(kernel_height)
+        || !width.is_multiple_of(kernel_width)
+    {
+        return Ok(None);
+    }
+    let geometry = geometry(&x.shape, window, options, false)?;
+    let planes = batch * channels;
+    if Some(x.data.len()) != planes.checked_mul(height * width) {
+        return Ok(None);
+    }
+    let mut shape = x.shape[..2].to_vec();
+    shape.extend_from_slice(&geometry.out_spatial);
+    element_count(&shape, options)?;
+    let mut data = vec![0i32; planes * (height / kernel_height) * (width / kernel_width)];
+    let tiles = TiledPool {
+        input: &x.data,
+        kernel: [kernel_height, kernel_width],
+        width,
+        average,
+        out: &mut data,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = pulp::x86::V3::try_new() {
+        v3.vectorize(tiles);
+        return Ok(Some(ITensor { shape, data }));
+    }
+    pulp::NullaryFnOnce::call(tiles);
+    Ok(Some(ITensor { shape, data }))
+}
+
+/// The loops of [`pool_tiled`], over every plane at once: long loops that vectorize (in a
+/// `pulp` instruction-set context where the CPU has AVX2), where one plane of a small image
+/// gives loops of a few values.
+struct TiledPool<'a> {
+    input: &'a [i32],
+    kernel: [usize; 2],
+    width: usize,
+    average: bool,
+    out: &'a mut [i32],
+}
+
+impl pulp::NullaryFnOnce for TiledPool<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let Self {
+            input,
+            kernel: [kernel_height, kernel_width],
+            width,
+            average,
+            out,
+        } = self;
+        let rows = input.chunks_exact(kernel_height * width);
+        let taps = (kernel_height * kernel_width) as i64;
+        if !average {
+            let mut line = vec![0i32; rows.len() * width];
+            for (dest, rows) in line.chunks_exact_mut(width).zip(rows) {
+                dest.copy_from_slice(&rows[..width]);
+                for row in rows.chunks_exact(width).skip(1) {
+                    dest.iter_mut().zip(row).for_each(|(d, v)| *d = (*d).max(*v));
+                }
+            }
+            let windows = out.iter_mut().zip(line.chunks_exact(kernel_width));
+            match kernel_width {
+                2 => windows.for_each(|(o, w)| *o = w[0].max(w[1])),
+                _ => windows.for_each(|(o, w)| *o = w.iter().copied().fold(i32::MIN, i32::max)),
+            }
+            return;
+        }
+        // Sums of at most 2^20 values of 32 bits stay far inside 64 bits, doubled or not.
+        let mut line = vec![0i64; rows.len() * width];
+        for (dest, rows) in line.chunks_exact_mut(width).zip(rows) {
+            dest.iter_mut()
+                .zip(&rows[..width])
+                .for_each(|(d, v)| *d = i64::from(*v));
+            for row in rows.chunks_exact(width).skip(1) {
+                dest.iter_mut().zip(row).for_each(|(d, v)| *d += i64::from(*v));
+            }
+        }
+        let windows = out.iter_mut().zip(line.chunks_exact(kernel_width));
+        if taps.count_ones() == 1 && taps <= 1 << 20 {
+            // floor(sum / taps + 1/2) = (2 sum + taps) >> log2(2 taps), as `div_round` does.
+            let shift = (2 * taps).trailing_zeros();
+            let rounded = |sum: i64| saturate((2 * sum + taps) >> shift);
+            match kernel_width {
+                2 => windows.for_each(|(o, w)| *o = rounded(w[0] + w[1])),
+                _ => windows.for_each(|(o, w)| *o = rounded(w.iter().sum())),
+            }
+        } else {
+            windows.for_each(|(o, w)| *o = saturate(div_round(w.iter().sum(), taps)));
+        }
+    }
 }
 
 /// Combines the values along `axes` (kept with size 1) with `combine`.
@@ -1568,6 +1693,50 @@ pub(crate) fn test_values(seed: u64) -> impl FnMut(i64) -> i64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Windows that tile the planes take the fast path, which must give the window-by-window
+    /// values, on values up to the ends of 32 bits and on several window shapes (a 2-wide
+    /// window's own loops, a power-of-two count of taps and not).
+    #[test]
+    fn tiled_pools_give_the_window_by_window_values() {
+        let mut value = test_values(5);
+        let options = ExecOptions::default();
+        for (kernel, spatial) in [([2, 2], [8, 8]), ([3, 3], [6, 9]), ([2, 4], [4, 8]), ([1, 3], [2, 6])] {
+            let window = Window {
+                kernel: kernel.to_vec(),
+                strides: kernel.to_vec(),
+                dilations: vec![1, 1],
+                pads_before: vec![0, 0],
+                pads_after: vec![0, 0],
+            };
+            for range in [30_000, i64::from(i32::MAX)] {
+                let shape = vec![3, 5, spatial[0], spatial[1]];
+                let data = (0..shape.iter().product()).map(|_| value(range) as i32).collect();
+                let x = ITensor { shape, data };
+                for average in [None, Some(false)] {
+                    let tiled = pool_tiled(&x, &window, average.is_some(), &options)
+                        .expect("pooled")
+                        .expect("windows that tile the planes");
+                    let by_window = pool_by_window(&x, &window, average, &options).expect("pooled");
+                    assert_eq!(tiled, by_window, "{kernel:?} over {spatial:?}, average {average:?}");
+                }
+            }
+        }
+        // A padded window, or one that does not tile, is left to the window-by-window loop.
+        let x = ITensor {
+            shape: vec![1, 1, 5, 5],
+            data: vec![1; 25],
+        };
+        let window = |pads: usize| Window {
+            kernel: vec![2, 2],
+            strides: vec![2, 2],
+            dilations: vec![1, 1],
+            pads_before: vec![pads, pads],
+            pads_after: vec![0, 0],
+        };
+        assert_eq!(pool_tiled(&x, &window(0), false, &options), Ok(None));
+        assert_eq!(pool_tiled(&x, &window(1), false, &options), Ok(None));
+    }
 
     proptest! {
         #[test]
