@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use vouch_tensor::{DType, NamedTensor, Tensor, TensorData};
 
-use crate::fixed::{ACTIVATION_MAX, Multiplier, div_round, quantize_f32_slice, saturate};
+use crate::fixed::{ACTIVATION_MAX, Multiplier, div_round, quantize_f32_bits, quantize_f32_slice, saturate};
 use crate::plan::{InputKind, Instr, OutputKind, Plan, PlanDim, Window};
 use kernels::{GatherMap, Lanes, PairedRows, Panels, Rescale, product_sums};
 
@@ -53,8 +53,10 @@ pub struct ExecOptions {
     /// kernels (1 runs everything on the caller's thread).
     pub threads: usize,
     /// Use the register-blocked product kernels (AVX2 when the CPU has it, chosen at run time,
-    /// else portable code the compiler vectorizes); `false` uses plain one-product-at-a-time
-    /// loops that add in a different order.
+    /// else portable code the compiler vectorizes), input quantization over whole tensors and
+    /// pooling over all planes at once; `false` uses plain one-product-at-a-time loops that add
+    /// in a different order, and quantizes and pools value by value and window by window: the
+    /// reference the fast paths must equal bit for bit.
     pub simd: bool,
     /// Most elements any one value may have (broadcasting can multiply sizes).
     pub max_elements: usize,
@@ -106,7 +108,7 @@ pub struct Execution {
 /// is cut into one block of rows per thread (see the `rows` module); otherwise the large kernels
 /// share the threads.
 pub fn execute(plan: &Plan, inputs: &[NamedTensor], options: &ExecOptions) -> Result<Execution, ExecError> {
-    let mut values = bind_inputs(plan, inputs)?;
+    let mut values = bind_inputs(plan, inputs, options.simd)?;
     match rows::run_in_row_blocks(plan, &values, options) {
         Some(computed) => values.extend(computed),
         None => run_undivided(plan, &mut values, options)?,
@@ -296,7 +298,9 @@ pub fn plan_input_specs(plan: &Plan) -> Vec<InputSpec> {
 }
 
 /// Matches named tensors to the plan's inputs and converts them to integers.
-fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, ExecError> {
+/// The plan's inputs as integers: float inputs quantized over the whole tensor at once when
+/// `whole_tensors`, else value by value (the same integers).
+fn bind_inputs(plan: &Plan, inputs: &[NamedTensor], whole_tensors: bool) -> Result<Vec<ITensor>, ExecError> {
     let bound = match_inputs(&plan_input_specs(plan), inputs)?;
     let mut values = Vec::with_capacity(plan.value_count());
     for (spec, tensor) in plan.inputs.iter().zip(bound) {
@@ -309,7 +313,13 @@ fn bind_inputs(plan: &Plan, inputs: &[NamedTensor]) -> Result<Vec<ITensor>, Exec
                 if let Some(i) = xs.iter().position(|x| x.is_nan()) {
                     return Err(error(format!("element {i} is NaN")));
                 }
-                quantize_f32_slice(xs, inverse_scale)
+                match whole_tensors {
+                    true => quantize_f32_slice(xs, inverse_scale),
+                    false => xs
+                        .iter()
+                        .map(|x| quantize_f32_bits(x.to_bits(), inverse_scale))
+                        .collect(),
+                }
             }
             (InputKind::Integer, TensorData::I64(xs)) => xs
                 .iter()
@@ -1117,7 +1127,11 @@ fn requantize(sum: i64, bias: i64, requant: Multiplier) -> i32 {
 
 /// Max pooling (`average: None`) or average pooling (`Some(count_include_pad)`).
 fn pool(x: &ITensor, window: &Window, average: Option<bool>, options: &ExecOptions) -> Result<ITensor, String> {
-    match pool_tiled(x, window, average.is_some(), options)? {
+    let tiled = match options.simd {
+        true => pool_tiled(x, window, average.is_some(), options)?,
+        false => None,
+    };
+    match tiled {
         Some(pooled) => Ok(pooled),
         None => pool_by_window(x, window, average, options),
     }

@@ -522,13 +522,13 @@ mod tests {
             let bytes = std::fs::read(fixtures.join(format!("models/{model}.onnx"))).expect("model");
             let loaded = crate::load_onnx(&bytes).expect("load");
             let plan = crate::build_plan(&loaded, &loaded.to_ir().expect("ir"), &calibration).expect("plan");
-            let inputs = super::super::bind_inputs(&plan, &first_rows(worth_dividing)).expect("bind");
+            let inputs = super::super::bind_inputs(&plan, &first_rows(worth_dividing), true).expect("bind");
             let blocks = run_in_row_blocks(&plan, &inputs, &options);
             assert!(
                 blocks == Some(undivided(&plan, &inputs)),
                 "{model}: divided, same values"
             );
-            let few = super::super::bind_inputs(&plan, &first_rows(4)).expect("bind");
+            let few = super::super::bind_inputs(&plan, &first_rows(4), true).expect("bind");
             assert!(
                 run_in_row_blocks(&plan, &few, &options).is_none(),
                 "{model}: 4 rows undivided"

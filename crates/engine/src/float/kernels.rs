@@ -22,7 +22,7 @@ const ROWS: usize = 4;
 /// row and panel): 24 accumulators, 3 panel vectors and a broadcast row value out of the 32
 /// registers. Each value of a panel read serves 8 rows, each row value 3 panels, where one
 /// panel against 8 rows read a panel value and 8 row values for 8 multiply-adds: MiniLM at one
-/// sentence on one thread went from 161 to 205–213 sentences per second (docs/BENCHMARKS.md).
+/// sentence on one thread went from 161 to 205–209 sentences per second (docs/BENCHMARKS.md).
 #[cfg(target_arch = "x86_64")]
 const ROWS_AVX512: usize = 8;
 #[cfg(target_arch = "x86_64")]
