@@ -1189,19 +1189,10 @@ fn pool_by_window(
 /// in 64 bits, exact, divided once by the taps under the plan's rounding rule. `None` for any
 /// other window.
 fn pool_tiled(x: &ITensor, window: &Window, average: bool, options: &ExecOptions) -> Result<Option<ITensor>, String> {
-    let tiles = window.kernel.len() == 2
-        && window.strides == window.kernel
-        && window.dilations.iter().all(|d| *d == 1)
-        && window.pads_before.iter().chain(&window.pads_after).all(|p| *p == 0);
     let (&[kernel_height, kernel_width], &[batch, channels, height, width]) = (&window.kernel[..], &x.shape[..]) else {
         return Ok(None);
     };
-    if !tiles
-        || kernel_height == 0
-        || kernel_width == 0
-        || !height.is_multiple_of(kernel_height)
-        || !width.is_multiple_of(kernel_width)
-    {
+    if !window.tiles(&[height, width]) {
         return Ok(None);
     }
     let geometry = geometry(&x.shape, window, options, false)?;
@@ -1716,13 +1707,7 @@ mod tests {
         let mut value = test_values(5);
         let options = ExecOptions::default();
         for (kernel, spatial) in [([2, 2], [8, 8]), ([3, 3], [6, 9]), ([2, 4], [4, 8]), ([1, 3], [2, 6])] {
-            let window = Window {
-                kernel: kernel.to_vec(),
-                strides: kernel.to_vec(),
-                dilations: vec![1, 1],
-                pads_before: vec![0, 0],
-                pads_after: vec![0, 0],
-            };
+            let window = Window::tiling(&kernel);
             for range in [30_000, i64::from(i32::MAX)] {
                 let shape = vec![3, 5, spatial[0], spatial[1]];
                 let data = (0..shape.iter().product()).map(|_| value(range) as i32).collect();
@@ -1742,11 +1727,8 @@ mod tests {
             data: vec![1; 25],
         };
         let window = |pads: usize| Window {
-            kernel: vec![2, 2],
-            strides: vec![2, 2],
-            dilations: vec![1, 1],
             pads_before: vec![pads, pads],
-            pads_after: vec![0, 0],
+            ..Window::tiling(&[2, 2])
         };
         assert_eq!(pool_tiled(&x, &window(0), false, &options), Ok(None));
         assert_eq!(pool_tiled(&x, &window(1), false, &options), Ok(None));

@@ -104,6 +104,34 @@ pub struct Window {
     pub pads_after: Vec<usize>,
 }
 
+impl Window {
+    /// Whether the windows tile planes of size `spatial`: strides equal to the kernel, no
+    /// dilation or padding, and each side a whole number of windows (a 2x2 pooling of even
+    /// sides). Such a pooling reduces rows, then columns, over every plane at once.
+    pub(crate) fn tiles(&self, spatial: &[usize]) -> bool {
+        self.kernel.len() == spatial.len()
+            && self.strides == self.kernel
+            && self.dilations.iter().all(|d| *d == 1)
+            && self.pads_before.iter().chain(&self.pads_after).all(|p| *p == 0)
+            && spatial
+                .iter()
+                .zip(&self.kernel)
+                .all(|(side, k)| *k > 0 && side % k == 0)
+    }
+
+    /// The window of `kernel` whose strides equal the kernel, with no dilation or padding.
+    #[cfg(test)]
+    pub(crate) fn tiling(kernel: &[usize]) -> Self {
+        Self {
+            kernel: kernel.to_vec(),
+            strides: kernel.to_vec(),
+            dilations: vec![1; kernel.len()],
+            pads_before: vec![0; kernel.len()],
+            pads_after: vec![0; kernel.len()],
+        }
+    }
+}
+
 /// How a reduction combines values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {

@@ -416,6 +416,8 @@ pub(super) struct ConvLayout {
     pub pads_after: [usize; 2],
     /// Per tap of the window, where it reads in the padded input (see the type's doc).
     offsets: Vec<usize>,
+    /// Whether the windows tile the input ([`Window::tiles`]), read by pooling.
+    tiles: bool,
 }
 
 impl ConvLayout {
@@ -438,6 +440,7 @@ impl ConvLayout {
             pads_before: two(&window.pads_before, 0)?,
             pads_after: two(&window.pads_after, 0)?,
             offsets: Vec::new(),
+            tiles: window.tiles(input),
         };
         let padded_width = layout.padded()[1];
         layout.offsets = (0..layout.kernel[0] * layout.kernel[1])
@@ -829,13 +832,7 @@ fn pool_planes_loop(layout: &ConvLayout, input: &[f32], average: Option<bool>, l
     if plane_in == 0 || plane_out == 0 {
         return;
     }
-    let tiled = layout.pads_before == [0, 0]
-        && layout.pads_after == [0, 0]
-        && layout.strides == layout.kernel
-        && layout.dilations == [1, 1]
-        && height % layout.kernel[0] == 0
-        && width % layout.kernel[1] == 0;
-    if tiled {
+    if layout.tiles {
         return pool_tiled(layout, input, average, line, out);
     }
     for (source, dest) in input.chunks_exact(plane_in).zip(out.chunks_exact_mut(plane_out)) {
@@ -1219,13 +1216,7 @@ mod tests {
     #[test]
     fn pooling_windows_that_tile_the_planes_match_the_definition() {
         for (input_size, kernel) in [([4, 6], [2, 2]), ([6, 6], [3, 2]), ([4, 9], [2, 3]), ([2, 8], [1, 4])] {
-            let window = Window {
-                kernel: kernel.to_vec(),
-                strides: kernel.to_vec(),
-                dilations: vec![1, 1],
-                pads_before: vec![0, 0],
-                pads_after: vec![0, 0],
-            };
+            let window = Window::tiling(&kernel);
             let layout = ConvLayout::new(&window, 1, 1, &input_size).expect("layout");
             let planes = 3;
             let count = planes * input_size[0] * input_size[1];
