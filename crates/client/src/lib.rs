@@ -219,15 +219,8 @@ impl Client {
         progress: Option<Progress>,
     ) -> Result<u64, ClientError> {
         let partial = partial_path(path);
-        let file = std::fs::File::create(&partial).map_err(file_error(&partial))?;
-        let result = self
-            .get_verified(
-                id,
-                Box::new(stream::FileSink::new(file).map_err(file_error(&partial))?),
-                max_bytes,
-                progress,
-            )
-            .await;
+        let sink = stream::FileSink::create(&partial).map_err(file_error(&partial))?;
+        let result = self.get_verified(id, Box::new(sink), max_bytes, progress).await;
         match result {
             Ok((size, _)) => {
                 std::fs::rename(&partial, path).map_err(file_error(path))?;

@@ -209,12 +209,12 @@ impl BlobStore for DiskStore {
         let create = |path: &Path| OpenOptions::new().write(true).create_new(true).open(path);
         let data_file = create(&data_path)?;
         let mut outboard_file = BufWriter::with_capacity(1 << 16, create(&outboard_path)?);
-        let mut writer = WriteBehind::new(data_file);
+        let mut writer = WriteBehind::new(data_file, &data_path);
         let copied = copy_and_hash(data, size, &mut writer, &mut outboard_file);
         let written = writer.finish();
         let id = match (copied, written) {
-            (Ok(id), Ok(file)) => {
-                file.sync_all()?;
+            (Ok(id), Ok(written)) => {
+                written.file.sync_all()?;
                 id
             }
             // A disk error stops the writer, which the copy sees as a broken pipe: report the cause.

@@ -12,7 +12,7 @@ mod memory;
 pub mod stream;
 mod write_behind;
 
-pub use write_behind::WriteBehind;
+pub use write_behind::{WriteBehind, Written};
 
 use std::io::{self, Read, Write};
 use std::ops::Range;

@@ -267,8 +267,9 @@ impl VerifiedSink for Vec<u8> {
     }
 }
 
-/// Writes verified chunk groups to a file from a second thread ([`crate::WriteBehind`]), so that
-/// verifying the next group overlaps with writing the last.
+/// Writes verified chunk groups to a file from a second thread ([`crate::WriteBehind`], whole
+/// blocks past the page cache where the file system allows), so that verifying the next group
+/// overlaps with writing the last.
 #[derive(Debug)]
 pub struct FileSink {
     sizer: std::fs::File,
@@ -276,11 +277,12 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// A sink writing into `file`.
-    pub fn new(file: std::fs::File) -> io::Result<Self> {
+    /// A sink writing into a new file at `path` (an existing one is truncated).
+    pub fn create(path: &std::path::Path) -> io::Result<Self> {
+        let file = std::fs::File::create(path)?;
         Ok(Self {
             sizer: file.try_clone()?,
-            writer: Some(crate::WriteBehind::new(file)),
+            writer: Some(crate::WriteBehind::new(file, path)),
         })
     }
 }
