@@ -3,11 +3,11 @@
 //!
 //! Where the file system allows it, whole aligned blocks are written with `O_DIRECT`, past the
 //! page cache. A big transfer then costs no copy into the page cache and no fresh cache pages,
-//! which on a virtual machine are the dearest part of a write (every fresh page is a fault on
-//! the host): the writer thread waits on the device while the producer keeps the CPU. The store
-//! fsyncs what it writes, so it waits for the device in any case. Unaligned pieces (the tail of
-//! a file, positioned writes) go through the page cache, and so does everything on a file
-//! system that refuses `O_DIRECT` (tmpfs, some network file systems).
+//! which on the development VM were most of a push's time (docs/BENCHMARKS.md): the writer
+//! thread waits on the device while the producer keeps the CPU. The store fsyncs what it
+//! writes, so it waits for the device in any case. Unaligned pieces (the tail of a file,
+//! positioned writes) go through the page cache, and so does everything on a file system that
+//! refuses `O_DIRECT` (tmpfs before Linux 6.6, some FUSE file systems).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -145,8 +145,10 @@ impl WriteBehind {
         })
     }
 
-    /// Starts the writer thread for `file`, writing everything through the page cache.
-    pub fn buffered(file: File) -> Self {
+    /// Starts the writer thread for `file`, writing everything through the page cache, as on a
+    /// file system that refuses `O_DIRECT`.
+    #[cfg(test)]
+    fn buffered(file: File) -> Self {
         Self::start(Target {
             buffered: file,
             direct: None,
