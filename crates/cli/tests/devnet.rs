@@ -1,5 +1,6 @@
 //! `vouch devnet` with real processes: four validators finalize transfers submitted over HTTP;
-//! a model is published with its exact plan and replicated; quorum inference from the CLI is
+//! a model is published with its exact plan and replicated; a copy flawed on a node is found
+//! by its next pull and restored from a replica by the one after; quorum inference from the CLI is
 //! proven and checked; 100 quorum inferences run while one node is SIGKILLed, the rest keep
 //! finalizing, the devnet restarts it and it catches up; and a second run on the same directory
 //! resumes the same chain with nothing lost.
@@ -167,6 +168,26 @@ async fn wait_for_model(url: &str, reference: &str, id: &str) {
     }
 }
 
+/// Waits until the two replicas the ledger drew for model `id` confirm it; returns their keys.
+async fn wait_for_replicas(client: &Client, id: &str) -> Vec<String> {
+    let parsed_id: vouch_types::ModelId = id.parse().expect("model id");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let record = loop {
+        let record = client.chain_model(&parsed_id).await.expect("published on the ledger");
+        if record["model"]["confirmed"].as_array().expect("confirmed").len() == 2 {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "the replicas never confirmed: {record}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    record["model"]["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|key| key.as_str().expect("key").to_string())
+        .collect()
+}
+
 /// Row `row` of `digits` as a one-digit input named as the model names it.
 fn digit_row(digits: &vouch_tensor::NamedTensor, row: usize) -> vouch_tensor::NamedTensor {
     let vouch_tensor::TensorData::F32(values) = digits.tensor.data() else {
@@ -314,22 +335,8 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
     let model_id = pushed["id"].as_str().expect("model id").to_string();
     let file_blob = pushed["blob"].as_str().expect("file blob").to_string();
     let client0 = Client::new(&devnet.urls[0]).expect("client");
+    let replicas = wait_for_replicas(&client0, &model_id).await;
     let parsed_id: vouch_types::ModelId = model_id.parse().expect("model id");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let record = loop {
-        let record = client0.chain_model(&parsed_id).await.expect("published on the ledger");
-        if record["model"]["confirmed"].as_array().expect("confirmed").len() == 2 {
-            break record;
-        }
-        assert!(Instant::now() < deadline, "the replicas never confirmed: {record}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let replicas: Vec<String> = record["model"]["replicas"]
-        .as_array()
-        .expect("replicas")
-        .iter()
-        .map(|key| key.as_str().expect("key").to_string())
-        .collect();
     for url in &devnet.urls {
         wait_for_model(url, "acme/digits@1.0.0", &model_id).await;
     }
@@ -381,6 +388,86 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
         std::fs::read(&model_file).expect("fixture"),
         "the pull is byte-identical"
     );
+
+    // A byte flipped in a copy the bystander fetched: its next pull fails and the copy is put
+    // aside; the pull after that fetches the bytes again from a replica and is whole. The
+    // digits model is 10 kB, so the node finds the flaw before it sends a byte. A second model,
+    // the same file with a 1.5 MB doc string appended (still a valid ONNX file), is flawed
+    // past the node's first 1 MiB chunk of the stream, so the node finds it mid-stream.
+    let mut padded = std::fs::read(&model_file).expect("fixture");
+    let doc_string = vec![b'x'; 1_500_000];
+    padded.push(6 << 3 | 2); // ModelProto field 6, doc_string, length-delimited
+    let mut length = doc_string.len();
+    while length >= 0x80 {
+        padded.push((length & 0x7f) as u8 | 0x80);
+        length >>= 7;
+    }
+    padded.push(length as u8);
+    padded.extend_from_slice(&doc_string);
+    let padded_file = dir.path().join("padded.onnx");
+    std::fs::write(&padded_file, &padded).expect("padded model");
+    let padded_push = dev_cli
+        .run(&[
+            "model",
+            "push",
+            padded_file.to_str().expect("utf8"),
+            "--name",
+            "acme/padded",
+            "--version",
+            "1",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let padded_replicas = wait_for_replicas(&client0, padded_push["id"].as_str().expect("id")).await;
+    let padded_bystander = (1..NODES)
+        .find(|&i| !padded_replicas.contains(&genesis.validators[i].public_key.to_string()))
+        .expect("a node that is not a replica");
+    for (node, reference, blob, original, flawed_byte) in [
+        (bystander, "acme/digits@1.0.0", file_blob.as_str(), &model_file, 100),
+        (
+            padded_bystander,
+            "acme/padded@1",
+            padded_push["blob"].as_str().expect("blob"),
+            &padded_file,
+            1_200_000,
+        ),
+    ] {
+        let pull = || {
+            let _ = std::fs::remove_file(&pulled);
+            dev_user(dir.path(), &devnet.urls[node]).run(&[
+                "model",
+                "pull",
+                reference,
+                "-o",
+                pulled.to_str().expect("utf8"),
+            ])
+        };
+        pull().ok();
+        let blob_id: vouch_types::BlobId = blob.parse().expect("blob id");
+        let hex = blob_id.to_hex();
+        let stored = dir
+            .path()
+            .join(format!("node-{node}"))
+            .join("store/blobs")
+            .join(&hex[..2])
+            .join(format!("{hex}.data"));
+        let mut bytes = std::fs::read(&stored).expect("the bystander holds the fetched copy");
+        bytes[flawed_byte] ^= 0x01;
+        std::fs::write(&stored, &bytes).expect("flaw the copy");
+        pull().failed_with("corrupt");
+        assert!(!pulled.exists(), "{reference}: a failed pull leaves no file");
+        pull().ok();
+        let original = std::fs::read(original).expect("original");
+        assert!(
+            std::fs::read(&pulled).expect("pulled") == original,
+            "{reference}: the copy fetched again from a replica is byte-identical"
+        );
+        assert!(
+            std::fs::read(&stored).expect("restored") == original,
+            "{reference}: the bystander's store holds good bytes again"
+        );
+    }
 
     // Quorum inference from the CLI: the ledger draws two executors among the replicas, both
     // run the exact plan, and the CLI believes the answer only after checking the finalization

@@ -274,10 +274,14 @@ impl Client {
             Err(VerifyError::Truncated { .. } | VerifyError::Io { .. }) => {
                 // A transfer that broke off: ask whether the node found its copy corrupt (a
                 // one-byte GET, because only a response with a body carries the error code).
+                // Marked as a peer's request, so that a network node answers from its own store
+                // instead of fetching a good copy from a replica first, which would hide the
+                // corruption behind a success.
                 let probe = self
                     .http
                     .get(self.url(&format!("/v1/blobs/{id}")))
-                    .header(reqwest::header::RANGE, "bytes=0-0");
+                    .header(reqwest::header::RANGE, "bytes=0-0")
+                    .header(PEER_FETCH_HEADER, "1");
                 match self.send(probe).await {
                     Err(ClientError::Api { code, .. }) if code == "blob_corrupt" => Err(ClientError::Corrupt(format!(
                         "blob {id} failed verification on the node at {}, which stopped serving it",
