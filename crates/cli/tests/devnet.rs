@@ -357,43 +357,19 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
         ])
         .failed_with("already published");
 
-    // A node that is neither a replica nor the one pushed to holds none of the model's bytes,
-    // and serves a pull by fetching them from a replica, verified.
-    let bystander = (1..NODES)
-        .find(|&i| !replicas.contains(&genesis.validators[i].public_key.to_string()))
-        .expect("a node that is not a replica");
-    let peer_probe = http
-        .get(format!("{}/v1/blobs/{file_blob}", devnet.urls[bystander]))
-        .header(vouch_client::PEER_FETCH_HEADER, "1")
-        .send()
-        .await
-        .expect("answer");
-    assert_eq!(
-        peer_probe.status().as_u16(),
-        404,
-        "the bystander already held the model"
-    );
-    let pulled = dir.path().join("pulled.onnx");
-    dev_user(dir.path(), &devnet.urls[bystander])
-        .run(&[
-            "model",
-            "pull",
-            "acme/digits@1.0.0",
-            "-o",
-            pulled.to_str().expect("utf8"),
-        ])
-        .ok();
-    assert_eq!(
-        std::fs::read(&pulled).expect("pulled"),
-        std::fs::read(&model_file).expect("fixture"),
-        "the pull is byte-identical"
-    );
-
-    // A byte flipped in a copy the bystander fetched: its next pull fails and the copy is put
-    // aside; the pull after that fetches the bytes again from a replica and is whole. The
-    // digits model is 10 kB, so the node finds the flaw before it sends a byte. A second model,
-    // the same file with a 1.5 MB doc string appended (still a valid ONNX file), is flawed
-    // past the node's first 1 MiB chunk of the stream, so the node finds it mid-stream.
+    // A node that is neither a replica nor the one pushed to holds none of a model's bytes,
+    // and serves a pull by fetching them from a replica, verified. Then a byte flipped in the
+    // copy it fetched: its next pull fails and the copy is put aside; the pull after that
+    // fetches the bytes again from a replica and is whole. The digits model is 10 kB, so the
+    // node finds the flaw before it sends a byte. A second model, the same file with a 1.5 MB
+    // doc string appended (still a valid ONNX file), is flawed past the node's first 1 MiB
+    // chunk of the stream, so the node finds it mid-stream.
+    let bystander_of = |replicas: &[String]| {
+        (1..NODES)
+            .find(|&i| !replicas.contains(&genesis.validators[i].public_key.to_string()))
+            .expect("a node that is not a replica")
+    };
+    let bystander = bystander_of(&replicas);
     let mut padded = std::fs::read(&model_file).expect("fixture");
     let doc_string = vec![b'x'; 1_500_000];
     padded.push(6 << 3 | 2); // ModelProto field 6, doc_string, length-delimited
@@ -420,19 +396,28 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
         .ok()
         .json();
     let padded_replicas = wait_for_replicas(&client0, padded_push["id"].as_str().expect("id")).await;
-    let padded_bystander = (1..NODES)
-        .find(|&i| !padded_replicas.contains(&genesis.validators[i].public_key.to_string()))
-        .expect("a node that is not a replica");
+    let pulled = dir.path().join("pulled.onnx");
     for (node, reference, blob, original, flawed_byte) in [
         (bystander, "acme/digits@1.0.0", file_blob.as_str(), &model_file, 100),
         (
-            padded_bystander,
+            bystander_of(&padded_replicas),
             "acme/padded@1",
             padded_push["blob"].as_str().expect("blob"),
             &padded_file,
             1_200_000,
         ),
     ] {
+        let peer_probe = http
+            .get(format!("{}/v1/blobs/{blob}", devnet.urls[node]))
+            .header(vouch_client::PEER_FETCH_HEADER, "1")
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(
+            peer_probe.status().as_u16(),
+            404,
+            "{reference}: the bystander already held the model"
+        );
         let pull = || {
             let _ = std::fs::remove_file(&pulled);
             dev_user(dir.path(), &devnet.urls[node]).run(&[
@@ -443,22 +428,19 @@ async fn a_four_node_devnet_survives_a_killed_node_and_resumes_after_a_restart()
                 pulled.to_str().expect("utf8"),
             ])
         };
+        let original = std::fs::read(original).expect("original");
         pull().ok();
-        let blob_id: vouch_types::BlobId = blob.parse().expect("blob id");
-        let hex = blob_id.to_hex();
-        let stored = dir
-            .path()
-            .join(format!("node-{node}"))
-            .join("store/blobs")
-            .join(&hex[..2])
-            .join(format!("{hex}.data"));
+        assert!(
+            std::fs::read(&pulled).expect("pulled") == original,
+            "{reference}: the pull is byte-identical"
+        );
+        let stored = common::blob_file(&dir.path().join(format!("node-{node}")), blob);
         let mut bytes = std::fs::read(&stored).expect("the bystander holds the fetched copy");
         bytes[flawed_byte] ^= 0x01;
         std::fs::write(&stored, &bytes).expect("flaw the copy");
         pull().failed_with("corrupt");
         assert!(!pulled.exists(), "{reference}: a failed pull leaves no file");
         pull().ok();
-        let original = std::fs::read(original).expect("original");
         assert!(
             std::fs::read(&pulled).expect("pulled") == original,
             "{reference}: the copy fetched again from a replica is byte-identical"

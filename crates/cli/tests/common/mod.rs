@@ -102,13 +102,15 @@ impl NodeProcess {
     }
 
     pub fn blob_file(&self, id: &str) -> PathBuf {
-        let id: vouch_types::BlobId = id.parse().expect("blob id");
-        let hex = id.to_hex();
-        self.data_dir
-            .join("store/blobs")
-            .join(&hex[..2])
-            .join(format!("{hex}.data"))
+        blob_file(&self.data_dir, id)
     }
+}
+
+/// The file that holds blob `id` in the store of the node whose data directory is `data_dir`.
+pub fn blob_file(data_dir: &Path, id: &str) -> PathBuf {
+    let id: vouch_types::BlobId = id.parse().expect("blob id");
+    let hex = id.to_hex();
+    data_dir.join("store/blobs").join(&hex[..2]).join(format!("{hex}.data"))
 }
 
 impl Drop for NodeProcess {
